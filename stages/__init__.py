@@ -1,0 +1,1 @@
+"""Pipeline stages: thin I/O shells over :mod:`vlmq` (one module per stage, `python -m stages.<name>`)."""
