@@ -1,0 +1,337 @@
+"""The solver against independent references, in float64, on fresh random inputs.
+
+The oracle below is the literal, unblocked column-by-column algorithm: after fixing each column to
+its quantized value it re-solves ALL remaining columns for the conditional optimum of the
+(damped, weighted, asymmetric) objective with a direct linear solve — no Cholesky factor, no lazy
+block updates, no in-place OBS updates. The blocked solver must match it to 1e-9 relative.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from vlmq.hessian import HessianAccumulator, HessianStats
+from vlmq.quant import dequantize
+from vlmq.solver import quantize_weight, solve
+
+
+# ----------------------------------------------------------------------------- references
+def literal_params(cols: torch.Tensor, bits: int, sym: bool):
+    """Eq. 13-14 written out per row, in plain Python floats (range widened to contain 0)."""
+    maxq = 2**bits - 1
+    s_out, z_out = [], []
+    for row in cols.tolist():
+        lo, hi = min(min(row), 0.0), max(max(row), 0.0)
+        if sym:
+            amax = max(-lo, hi)
+            s = 2 * amax / maxq or 1.0
+            z = float((maxq + 1) // 2)
+        else:
+            s = (hi - lo) / maxq or 1.0
+            z = -float(round(lo / s))
+        s_out.append(s)
+        z_out.append(z)
+    return torch.tensor(s_out, dtype=torch.float64), torch.tensor(z_out, dtype=torch.float64)
+
+
+def oracle(W, X_hat, X=None, g=None, *, bits, group_size, sym, act_order, damp, method):
+    W = W.double()
+    X_hat = X_hat.double()
+    n_tok, n = X_hat.shape
+    w2 = torch.ones(n_tok, dtype=torch.float64) if g is None else g.double() ** 2
+    H = (X_hat.T * w2) @ X_hat / n_tok
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    Hl = H + damp * torch.diagonal(H).mean() * torch.eye(n, dtype=torch.float64)
+    W_star = W.clone()
+    if method == "gptaq":
+        D = ((X.double() - X_hat).T * w2) @ X_hat / n_tok
+        W_star = W + torch.linalg.solve(Hl, (W @ D).T).T  # W + W D Hl^-1
+    W_star[:, dead] = 0.0
+    order = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
+             else torch.arange(n)).tolist()
+    gs = n if group_size == -1 else group_size
+    maxq = 2**bits - 1
+    cur = W_star.clone()
+    Q = torch.zeros_like(W)
+    DQ = torch.zeros_like(W)
+    fixed: list[int] = []
+    for j, col in enumerate(order):
+        if j % gs == 0:
+            s, z = literal_params(cur[:, order[j:j + gs]], bits, sym)
+        q = torch.clamp(torch.round(cur[:, col] / s) + z, 0, maxq)
+        Q[:, col] = q
+        DQ[:, col] = s * (q - z)
+        fixed.append(col)
+        free = order[j + 1:]
+        if free:
+            E_P = DQ[:, fixed] - W_star[:, fixed]
+            cur[:, free] = W_star[:, free] - E_P @ Hl[fixed][:, free] @ torch.linalg.inv(Hl[free][:, free])
+    return Q, DQ
+
+
+def correlated(n_tok, n, gen, outliers=3):
+    A = torch.randn(n, n, generator=gen, dtype=torch.float64) / n**0.5
+    X = torch.randn(n_tok, n, generator=gen, dtype=torch.float64) @ A
+    X[:, :outliers] *= 8.0
+    return X
+
+
+def out_err(W, W_q, X_ref, X_in=None, g=None):
+    X_in = X_ref if X_in is None else X_in
+    R = X_in @ W_q.T - X_ref @ W.T
+    ref = X_ref @ W.T
+    if g is not None:
+        R, ref = R * g[:, None], ref * g[:, None]
+    return (R.norm() / ref.norm()).item()
+
+
+# ----------------------------------------------------------------------------- quantizer
+def test_quantizer_closed_form():
+    from vlmq.quant import affine_params, quantize_int
+
+    w = torch.tensor([[-1.0, 0.0, 0.5, 2.0]], dtype=torch.float64)
+    s, z = affine_params(w, 2)
+    assert s.item() == 1.0 and z.item() == 1.0  # s = (2 - (-1)) / 3, z = -round(-1 / 1)
+    q = quantize_int(w, s[:, None], z[:, None], 2)
+    assert q.tolist() == [[0.0, 1.0, 1.0, 3.0]]  # round(0.5) = 0 (half to even), clamp to [0, 3]
+    s, z = affine_params(w, 4, sym=True)
+    assert torch.isclose(s, torch.tensor([4.0 / 15], dtype=torch.float64)).all() and z.item() == 8.0
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rtn_matches_literal_and_bounds(bits):
+    gen = torch.Generator().manual_seed(bits)
+    W = torch.randn(7, 100, generator=gen, dtype=torch.float64)
+    r = quantize_weight(W, None, bits=bits, group_size=32, method="rtn")
+    assert r.int_weight.min() >= 0 and r.int_weight.max() <= 2**bits - 1
+    for gi in range(4):
+        cols = slice(gi * 32, min(gi * 32 + 32, 100))
+        s, z = literal_params(W[:, cols], bits, False)
+        assert torch.allclose(r.scales[:, gi], s, rtol=1e-15) and torch.equal(r.zeros[:, gi].double(), z)
+    assert torch.equal(dequantize(r.int_weight, r.scales, r.zeros, r.g_idx), r.dequant)
+    # error bound of round-to-nearest: half a step per weight
+    step = r.scales[:, r.g_idx.long()]
+    assert ((W - r.dequant).abs() <= step / 2 + 1e-12).all()
+
+
+# ----------------------------------------------------------------------------- oracle match
+CASES = [
+    # method, act_order, group_size, weighted, sym, bits
+    ("gptq", False, -1, False, False, 4),
+    ("gptq", True, -1, False, False, 3),
+    ("gptq", False, 16, False, False, 4),
+    ("gptq", True, 16, False, True, 2),
+    ("gptq", True, 24, True, False, 3),   # partial last group (72 = 3 * 24 ... see in_f below)
+    ("gptaq", False, 16, False, False, 4),
+    ("gptaq", True, 16, False, False, 2),
+    ("gptaq", True, -1, True, False, 3),
+    ("gptaq", True, 20, True, True, 8),   # 20 does not divide 72: partial last group
+]
+
+
+@pytest.mark.parametrize("method,act_order,group_size,weighted,sym,bits", CASES)
+def test_blocked_solver_matches_float64_oracle(method, act_order, group_size, weighted, sym, bits):
+    seed = hash((method, act_order, group_size, weighted, sym, bits)) % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    out_f, in_f, n_tok = 9, 72, 300
+    W = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
+    X = correlated(n_tok, in_f, gen)
+    X_hat = X + 0.2 * torch.randn(n_tok, in_f, generator=gen, dtype=torch.float64)
+    g = torch.rand(n_tok, generator=gen, dtype=torch.float64) * 3 if weighted else None
+    kw = dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=0.01, method=method)
+    # small block size so that several lazy blocks (and group/block alignment) are exercised
+    r = quantize_weight(W, X_hat, fp_inputs=X, token_weights=g, block_size=16, **kw)
+    Q, DQ = oracle(W, X_hat, X, g, **kw)
+    assert r.dequant.dtype == torch.float64
+    assert torch.equal(r.int_weight.double(), Q)
+    rel = ((r.dequant - DQ).norm() / DQ.norm()).item()
+    assert rel <= 1e-9, rel
+
+
+def test_dead_columns_match_oracle_and_are_zero():
+    gen = torch.Generator().manual_seed(11)
+    W = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    X = correlated(200, 40, gen)
+    X[:, [3, 17]] = 0.0
+    kw = dict(bits=3, group_size=8, sym=False, act_order=True, damp=0.01, method="gptq")
+    r = quantize_weight(W, X, block_size=8, **kw)
+    Q, DQ = oracle(W, X, **kw)
+    assert torch.equal(r.int_weight.double(), Q)
+    assert ((r.dequant - DQ).norm() / DQ.norm()).item() <= 1e-9
+    assert torch.isfinite(r.dequant).all()
+
+
+# ----------------------------------------------------------------------------- properties
+def test_gptq_beats_rtn_on_every_draw():
+    for draw in range(20):
+        gen = torch.Generator().manual_seed(1000 + draw)
+        W = torch.randn(32, 128, generator=gen)
+        X = correlated(1024, 128, gen).float()
+        kw = dict(bits=3, group_size=32, act_order=True)
+        e_rtn = out_err(W, quantize_weight(W, X, method="rtn", **kw).dequant, X)
+        e_gptq = out_err(W, quantize_weight(W, X, method="gptq", **kw).dequant, X)
+        assert e_gptq < e_rtn, (draw, e_gptq, e_rtn)
+
+
+def test_gptaq_beats_gptq_on_asymmetric_objective():
+    for draw in range(10):
+        gen = torch.Generator().manual_seed(2000 + draw)
+        W = torch.randn(32, 128, generator=gen)
+        X = correlated(1024, 128, gen).float()
+        X_hat = X + 0.15 * X.std() * torch.randn(X.shape, generator=gen)  # earlier layers' noise
+        kw = dict(bits=4, group_size=32, act_order=True)
+        e_gptq = out_err(W, quantize_weight(W, X_hat, method="gptq", **kw).dequant, X, X_hat)
+        e_gptaq = out_err(W, quantize_weight(W, X_hat, fp_inputs=X, method="gptaq", **kw).dequant, X, X_hat)
+        assert e_gptaq < e_gptq, (draw, e_gptaq, e_gptq)
+
+
+def test_gptaq_equals_gptq_when_inputs_are_equal():
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(16, 64, generator=gen)
+    X = correlated(500, 64, gen).float()
+    a = quantize_weight(W, X, fp_inputs=X, method="gptaq", bits=3, group_size=16)
+    b = quantize_weight(W, X, method="gptq", bits=3, group_size=16)
+    assert torch.equal(a.int_weight, b.int_weight)
+
+
+def test_weighted_solve_lowers_weighted_error():
+    for draw in range(10):
+        gen = torch.Generator().manual_seed(3000 + draw)
+        W = torch.randn(32, 128, generator=gen)
+        X = correlated(1024, 128, gen).float()
+        # a few salient tokens with a distribution of their own, many redundant ones
+        X[:64] = torch.randn(64, 128, generator=gen) * 2
+        g = torch.full((1024,), 0.1)
+        g[:64] = 3.0
+        kw = dict(bits=3, group_size=32, act_order=True, method="gptq")
+        e_plain = out_err(W, quantize_weight(W, X, **kw).dequant, X, g=g)
+        e_weighted = out_err(W, quantize_weight(W, X, token_weights=g, **kw).dequant, X, g=g)
+        assert e_weighted < e_plain, (draw, e_weighted, e_plain)
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptaq"])
+def test_uniform_weights_are_bitwise_plain(method):
+    gen = torch.Generator().manual_seed(7)
+    W = torch.randn(24, 96, generator=gen)
+    X = correlated(400, 96, gen).float()
+    X_hat = X + 0.1 * torch.randn(X.shape, generator=gen)
+    kw = dict(fp_inputs=X, bits=3, group_size=32, act_order=True, method=method)
+    plain = quantize_weight(W, X_hat, **kw)
+    ones = quantize_weight(W, X_hat, token_weights=torch.ones(400), **kw)
+    assert torch.equal(plain.dequant, ones.dequant) and torch.equal(plain.int_weight, ones.int_weight)
+
+
+@pytest.mark.parametrize("c", [4.0, 0.3, 17.25])
+def test_scaling_g_by_a_constant_changes_nothing(c):
+    gen = torch.Generator().manual_seed(8)
+    W = torch.randn(24, 96, generator=gen, dtype=torch.float64)
+    X = correlated(400, 96, gen)
+    X_hat = X + 0.1 * torch.randn(X.shape, generator=gen, dtype=torch.float64)
+    g = torch.rand(400, generator=gen, dtype=torch.float64) + 0.1
+    kw = dict(fp_inputs=X, bits=3, group_size=32, act_order=True, method="gptaq")
+    a = quantize_weight(W, X_hat, token_weights=g, **kw)
+    b = quantize_weight(W, X_hat, token_weights=g * c, **kw)
+    assert torch.equal(a.int_weight, b.int_weight)
+    assert torch.allclose(a.dequant, b.dequant, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_solve_close_to_float64():
+    gen = torch.Generator().manual_seed(9)
+    W = torch.randn(64, 256, generator=gen, dtype=torch.float64)
+    X = correlated(1024, 256, gen)
+    r64 = quantize_weight(W, X, bits=4, group_size=128)
+    r32 = quantize_weight(W.float(), X.float(), bits=4, group_size=128)
+    e64, e32 = out_err(W, r64.dequant, X), out_err(W, r32.dequant.double(), X)
+    assert abs(e32 - e64) / e64 < 0.02
+    assert (r32.int_weight == r64.int_weight).float().mean() > 0.98
+
+
+def test_round_trip_and_g_idx_with_act_order():
+    gen = torch.Generator().manual_seed(10)
+    W = torch.randn(16, 200, generator=gen)
+    X = correlated(600, 200, gen).float()
+    r = quantize_weight(W, X, bits=4, group_size=64, act_order=True)
+    assert torch.equal(dequantize(r.int_weight, r.scales, r.zeros, r.g_idx), r.dequant)
+    assert r.scales.shape == (16, 4) and r.zeros.shape == (16, 4) and r.g_idx.shape == (200,)
+    assert torch.bincount(r.g_idx.long()).tolist() == [64, 64, 64, 8]  # partial last group
+    # g_idx follows the act_order permutation: group j // 64 holds columns perm[j]
+    assert torch.equal(r.g_idx[r.perm].long(), torch.arange(200) // 64)
+
+
+def test_streaming_accumulation_equals_one_shot():
+    gen = torch.Generator().manual_seed(12)
+    X = correlated(1000, 48, gen)
+    X_hat = X + 0.1 * torch.randn(X.shape, generator=gen, dtype=torch.float64)
+    g = torch.rand(1000, generator=gen, dtype=torch.float64)
+    acc = HessianAccumulator(48, residual=True)
+    for a in range(0, 1000, 137):
+        acc.add(X_hat[a:a + 137], X[a:a + 137], g[a:a + 137])
+    st = acc.finalize()
+    H = (X_hat.T * g**2) @ X_hat / 1000
+    D = ((X - X_hat).T * g**2) @ X_hat / 1000
+    assert st.n_tokens == 1000
+    assert torch.allclose(st.H, H, rtol=1e-12) and torch.allclose(st.D, D, rtol=1e-12, atol=1e-15)
+
+
+def test_damping_escalates_on_indefinite_hessian(caplog):
+    gen = torch.Generator().manual_seed(13)
+    n = 32
+    Qm, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    eig = torch.ones(n, dtype=torch.float64)
+    eig[0] = -2.0  # not PSD: what broken statistics would look like
+    H = Qm @ torch.diag(eig) @ Qm.T
+    W = torch.randn(4, n, generator=gen, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="vlmq.solver"):
+        r = solve(W, HessianStats(H=H, D=None, n_tokens=1), bits=4, group_size=-1, name="layers.0.q_proj")
+    assert torch.isfinite(r.dequant).all() and r.damp_used > 0.01
+    assert any("layers.0.q_proj" in m and "damp" in m for m in caplog.messages)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+BAD = [
+    (dict(bits=5), "bits=5"),
+    (dict(group_size=0), "group_size=0"),
+    (dict(method="obq"), "method='obq'"),
+    (dict(damp=-1.0), "damp=-1.0"),
+]
+
+
+@pytest.mark.parametrize("kw,needle", BAD)
+def test_bad_options_name_the_argument(kw, needle):
+    W, X = torch.randn(4, 8), torch.randn(20, 8)
+    with pytest.raises(ValueError) as e:
+        quantize_weight(W, X, **kw)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_bad_tensors_name_the_argument_and_layer():
+    W, X = torch.randn(4, 8), torch.randn(20, 8)
+    cases = [
+        (lambda: quantize_weight(torch.randn(4, 8, 2), X, name="L3.q"), "weight"),
+        (lambda: quantize_weight(W, torch.randn(20, 9), name="L3.q"), "inputs"),
+        (lambda: quantize_weight(W, X, fp_inputs=torch.randn(21, 8), method="gptaq", name="L3.q"), "fp_inputs"),
+        (lambda: quantize_weight(W, X, token_weights=torch.ones(19), name="L3.q"), "token_weights"),
+        (lambda: quantize_weight(W, X.masked_fill(X > 1.5, float("nan")), name="L3.q"), "inputs"),
+        (lambda: quantize_weight(W, X, fp_inputs=X.masked_fill(X > 1.5, float("inf")), method="gptaq", name="L3.q"), "fp_inputs"),
+        (lambda: quantize_weight(W.masked_fill(W > 1, float("inf")), X, name="L3.q"), "weight"),
+        (lambda: quantize_weight(W, X, method="gptaq", name="L3.q"), "fp_inputs"),
+        (lambda: quantize_weight(W, X, token_weights=-torch.ones(20), name="L3.q"), "token_weights"),
+    ]
+    for fn, needle in cases:
+        with pytest.raises((ValueError, TypeError)) as e:
+            fn()
+        msg = str(e.value)
+        assert needle in msg and "L3.q" in msg and "\n" not in msg, msg
+
+
+def test_group_size_not_dividing_is_partial_group():
+    W = torch.randn(4, 100)
+    r = quantize_weight(W, torch.randn(300, 100), bits=4, group_size=128)
+    assert r.scales.shape == (4, 1)
+    r = quantize_weight(W, torch.randn(300, 100), bits=4, group_size=30)
+    assert r.scales.shape == (4, 4)

@@ -1,0 +1,262 @@
+"""One layer-wise solver for RTN, GPTQ, GPTAQ and importance-weighted (VLMQ) quantization.
+
+The methods differ only in their inputs, not in code:
+
+=========  =============================================================================
+RTN        no error compensation (:func:`vlmq.quant.rtn`)
+GPTQ       H = X̂ᵀX̂ / N, target W                      (symmetric calibration)
+GPTAQ      H = X̂ᵀX̂ / N, D = (X − X̂)ᵀX̂ / N           (asymmetric calibration, paper Eq. 7-8)
+VLMQ       the same with every token row scaled by g: H̃ = X̂ᵀG²X̂ / N, D̃ = (X − X̂)ᵀG²X̂ / N
+           (X̃ = X G, r̃ = r G, paper Eq. 15-19); g ≡ 1 is bit-for-bit plain GPTQ/GPTAQ.
+=========  =============================================================================
+
+Objective and derivation (docs/solver.md has the long form). With ``r = W X − W X̂`` the residual
+of earlier layers' quantization, the (weighted, damped) asymmetric objective is
+
+    f(Ŵ) = ||(Ŵ X̂ − W X) G||² + λ ||Ŵ − W||²,     λ = damp · mean(diag H)
+
+whose normal equations give the unconstrained optimum W* = W + W D H_λ⁻¹ (H_λ = H + λI), and
+f(Ŵ) = tr((Ŵ − W*) H_λ (Ŵ − W*)ᵀ) + const. So the asymmetric problem is exactly the symmetric
+GPTQ problem with target W* instead of W: one column loop (optimal-brain-surgeon updates with the
+upper Cholesky factor of H_λ⁻¹, lazy block updates) serves all methods; GPTQ is D = 0 (W* = W).
+Each column is rounded at its conditional optimum given the columns already fixed, which is the
+greedy step of the GPTAQ paper's closed form (Eq. 8) without its reference code's ad-hoc 0.25
+scaling of the residual term.
+
+act_order permutes columns by descending diag(H) (stable sort) and forms groups over consecutive
+columns of that order (dynamic groups, ``static_groups`` off), recording ``g_idx``. The blocked
+loop keeps every group inside one lazy-update block, so group parameters are always computed from
+fully updated weights and the blocked solve equals the unblocked column-by-column algorithm.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vlmq.hessian import HessianAccumulator, HessianStats
+from vlmq.quant import (
+    affine_params,
+    check_bits,
+    check_group_size,
+    dequantize,
+    group_index,
+    n_groups,
+    rtn,
+)
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rtn", "gptq", "gptaq")
+MAX_DAMP_TRIES = 6  # damp, 10·damp, …, 10^5·damp
+
+
+@dataclass
+class QuantResult:
+    """Output of the solver for one weight [out, in].
+
+    ``int_weight`` [out, in] int32 in [0, 2^bits − 1]; ``scales`` [out, n_groups] (float32, or
+    float64 for a float64 solve); ``zeros`` [out, n_groups] int32; ``g_idx`` [in] int32 group of
+    each input column; ``dequant`` [out, in] = scales[:, g_idx] * (int_weight − zeros[:, g_idx]).
+    ``perm`` is the act_order column order (None without act_order); ``damp_used`` the relative
+    damping that gave a positive-definite Hessian (None for RTN).
+    """
+
+    dequant: torch.Tensor
+    int_weight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int
+    sym: bool
+    method: str
+    perm: torch.Tensor | None = None
+    damp_used: float | None = None
+
+
+def _check_options(bits, group_size, method, damp, block_size):
+    check_bits(bits)
+    check_group_size(group_size)
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} must be one of {', '.join(METHODS)}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
+        raise ValueError(f"damp={damp!r} must be a positive finite number")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be a positive integer")
+
+
+def _check_weight(weight, name):
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"{name}: weight must be a non-empty 2-D tensor [out, in], got shape {list(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"{name}: weight must be floating point, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{name}: weight contains NaN/Inf values")
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float, name: str):
+    """Damp H, then return (H_λ⁻¹, upper Cholesky factor U of H_λ⁻¹, relative damping used).
+
+    A Hessian that is not positive definite after damping is retried in float64, then with
+    damping multiplied by 10 (logged), up to MAX_DAMP_TRIES times; never NaN weights."""
+    n = H.shape[0]
+    mean_diag = torch.diagonal(H).mean()
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    rel = damp
+    for attempt in range(MAX_DAMP_TRIES):
+        Hd = H + (rel * mean_diag) * eye
+        for dtype in dict.fromkeys((H.dtype, torch.float64)):
+            L, info = torch.linalg.cholesky_ex(Hd.to(dtype))
+            if info.item() == 0:
+                Hinv = torch.cholesky_inverse(L)
+                U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if info2.item() == 0 and torch.isfinite(U).all():
+                    if attempt:
+                        log.warning("%s: Hessian not positive definite at damp=%g; solved with damp=%g", name, damp, rel)
+                    return Hinv.to(H.dtype), U.to(H.dtype), rel
+        rel *= 10.0
+    raise FloatingPointError(
+        f"{name}: Hessian is not positive definite even with damp={rel / 10:g} (inputs degenerate?)")
+
+
+def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, group_size: int = 128,
+          sym: bool = False, act_order: bool = True, damp: float = 0.01, method: str = "gptq",
+          block_size: int = 128, name: str = "weight") -> QuantResult:
+    """Quantize ``weight`` [out, in] given accumulated statistics (see module docstring).
+
+    ``method="gptaq"`` uses ``stats.D`` (the residual cross term); ``"gptq"`` ignores it;
+    ``"rtn"`` ignores ``stats`` entirely. The solve runs in float32 (float64 when ``weight`` is
+    float64, which is how the tests compare it with the float64 oracle).
+    """
+    _check_options(bits, group_size, method, damp, block_size)
+    _check_weight(weight, name)
+    if method == "rtn":
+        q, s, z, g_idx = rtn(weight, bits, group_size, sym)
+        return QuantResult(dequant=dequantize(q, s, z, g_idx), int_weight=q, scales=s, zeros=z,
+                           g_idx=g_idx, bits=bits, group_size=group_size, sym=sym, method=method)
+    if stats is None:
+        raise ValueError(f"{name}: method={method!r} needs Hessian statistics (stats is None)")
+    out_f, in_f = weight.shape
+    if stats.H.shape != (in_f, in_f):
+        raise ValueError(f"{name}: Hessian is {list(stats.H.shape)} but weight has in_features={in_f}")
+    if method == "gptaq" and stats.D is None:
+        raise ValueError(f"{name}: method='gptaq' needs fp_inputs (statistics have no residual term D)")
+
+    cdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dev = weight.device
+    W = weight.detach().to(cdtype).clone()
+    H = stats.H.to(device=dev, dtype=cdtype).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        dead = dead[perm]
+    Hinv, U, damp_used = _upper_cholesky_of_inverse(H, damp, name)
+
+    # Column-major work layout: row j of Wt is input column j (contiguous for the column loop).
+    Wt = W.T.contiguous()
+    if method == "gptaq":
+        D = stats.D.to(device=dev, dtype=cdtype)
+        if perm is not None:
+            D = D[perm][:, perm]
+        # W* = W + W D H_λ⁻¹  →  W*ᵀ = Wᵀ + H_λ⁻¹ Dᵀ Wᵀ (H_λ⁻¹ symmetric)
+        Wt += Hinv @ (D.T @ Wt)
+    Wt[dead] = 0.0
+    del Hinv
+
+    gs = in_f if group_size == -1 else group_size
+    bs = gs * max(1, block_size // gs) if gs <= block_size else gs
+    maxq = 2**bits - 1
+    ng = n_groups(in_f, group_size)
+    Qt = torch.empty_like(Wt)
+    DQt = torch.empty_like(Wt)
+    scales = torch.empty(ng, out_f, dtype=cdtype, device=dev)
+    zeros = torch.empty(ng, out_f, dtype=cdtype, device=dev)
+    s = z = None
+    for i1 in range(0, in_f, bs):
+        i2 = min(i1 + bs, in_f)
+        W1 = Wt[i1:i2]  # view: updated in place
+        U1 = U[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % gs == 0:
+                s, z = affine_params(W1[i:i + gs].T, bits, sym)
+                scales[col // gs], zeros[col // gs] = s, z
+            w = W1[i]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            dq = s * (q - z)
+            Qt[col] = q
+            DQt[col] = dq
+            err = (w - dq) / U1[i, i]
+            Err1[i] = err
+            if i + 1 < i2 - i1:
+                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
+        if i2 < in_f:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
+
+    int_weight = Qt.T
+    dequant = DQt.T
+    if perm is not None:
+        inv = torch.argsort(perm)
+        int_weight = int_weight[:, inv]
+        dequant = dequant[:, inv]
+    return QuantResult(
+        dequant=dequant.contiguous(),
+        int_weight=int_weight.to(torch.int32).contiguous(),
+        scales=scales.T.contiguous(),
+        zeros=zeros.T.to(torch.int32).contiguous(),
+        g_idx=group_index(in_f, group_size, perm.cpu() if perm is not None else None).to(dev),
+        bits=bits, group_size=group_size, sym=sym, method=method,
+        perm=perm, damp_used=damp_used,
+    )
+
+
+def quantize_weight(weight: torch.Tensor, inputs: torch.Tensor | None, *, fp_inputs: torch.Tensor | None = None,
+                    token_weights: torch.Tensor | None = None, bits: int = 4, group_size: int = 128,
+                    sym: bool = False, act_order: bool = True, damp: float = 0.01, method: str = "gptq",
+                    block_size: int = 128, chunk_tokens: int = 8192, name: str = "weight") -> QuantResult:
+    """Quantize ``weight`` [out, in] from calibration inputs.
+
+    ``inputs`` [tokens, in]: inputs of the layer on the quantized path (X̂); ``fp_inputs``
+    [tokens, in]: full-precision inputs X (required for ``method="gptaq"``); ``token_weights``
+    [tokens]: importance g per token (VLMQ; None = uniform). Statistics are accumulated in chunks
+    of ``chunk_tokens`` tokens (:class:`vlmq.hessian.HessianAccumulator`), then :func:`solve`.
+    """
+    _check_options(bits, group_size, method, damp, block_size)
+    _check_weight(weight, name)
+    if method == "rtn":
+        return solve(weight, None, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                     damp=damp, method=method, block_size=block_size, name=name)
+    if inputs is None:
+        raise ValueError(f"{name}: inputs are required for method={method!r}")
+    if method == "gptaq" and fp_inputs is None:
+        raise ValueError(f"{name}: method='gptaq' needs fp_inputs (the full-precision inputs X)")
+    in_f = weight.shape[1]
+    acc = HessianAccumulator(in_f, residual=(method == "gptaq"), name=name, device=weight.device)
+    x_hat = acc._as_tokens(inputs, "inputs")
+    x = acc._as_tokens(fp_inputs, "fp_inputs") if fp_inputs is not None else None
+    if x is not None and x.shape[0] != x_hat.shape[0]:
+        raise ValueError(f"{name}: fp_inputs has {x.shape[0]} tokens but inputs has {x_hat.shape[0]}")
+    g = None
+    if token_weights is not None:
+        if not isinstance(token_weights, torch.Tensor) or token_weights.dim() != 1 or token_weights.shape[0] != x_hat.shape[0]:
+            shape = list(token_weights.shape) if isinstance(token_weights, torch.Tensor) else type(token_weights).__name__
+            raise ValueError(f"{name}: token_weights must have shape [{x_hat.shape[0]}] (one per token), got {shape}")
+        g = token_weights
+    if x_hat.shape[0] == 0:
+        raise ValueError(f"{name}: inputs has no tokens")
+    for a in range(0, x_hat.shape[0], chunk_tokens):
+        b = a + chunk_tokens
+        acc.add(x_hat[a:b], None if x is None or method != "gptaq" else x[a:b], None if g is None else g[a:b])
+    return solve(weight, acc.finalize(), bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                 damp=damp, method=method, block_size=block_size, name=name)
