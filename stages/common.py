@@ -1,0 +1,113 @@
+"""Shared I/O helpers of the stages: atomic writes, offline environment, logging, resources."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+for _k, _v in OFFLINE_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+
+def get_logger(name: str) -> logging.Logger:
+    """Prefect's run logger inside a flow/task run, the standard logger elsewhere."""
+    try:
+        from prefect import get_run_logger
+        from prefect.context import TaskRunContext, FlowRunContext
+
+        if TaskRunContext.get() or FlowRunContext.get():
+            return get_run_logger()  # type: ignore[return-value]
+    except Exception:  # prefect missing or no active run
+        pass
+    logger = logging.getLogger(name)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return logger
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` (files or
+    directories), on error removed: readers never see a half-written artifact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if path.is_dir() and tmp_path.is_dir():
+            import shutil
+
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp_path, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp_path, path)
+    except BaseException:
+        if tmp_path.is_dir():
+            import shutil
+
+            shutil.rmtree(tmp_path, ignore_errors=True)
+        elif tmp_path.exists():
+            tmp_path.unlink()
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    return Path(path)
+
+
+def write_parquet(df, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@contextlib.contextmanager
+def stage_timer(log: logging.Logger, stage: str) -> Iterator[dict]:
+    """Log start/end and wall time of a stage; the yielded dict collects 'read'/'wrote' paths."""
+    info: dict[str, Any] = {"read": [], "wrote": []}
+    t0 = time.perf_counter()
+    log.info("%s: start", stage)
+    yield info
+    info["seconds"] = time.perf_counter() - t0
+    log.info("%s: read %s", stage, ", ".join(map(str, info["read"])) or "-")
+    log.info("%s: wrote %s", stage, ", ".join(map(str, info["wrote"])) or "-")
+    log.info("%s: done in %.1f s (peak RSS %.0f MiB)", stage, info["seconds"], peak_rss_mb())
+
+
+def dir_size_mb(path: str | Path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20

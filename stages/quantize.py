@@ -1,0 +1,260 @@
+"""Stage ``quantize``: the per-layer loop of Algorithm 1 with resumable, inspectable artifacts.
+
+For each decoder layer l, in order (two streams: X from the FP cache, X̂ propagated through the
+already-quantized layers):
+
+* ``data/importance/layer_{l:03d}.parquet`` — token importance g and output-error norm |Δz| per
+  projection and token (VLMQ methods; schema in the README, "Artifacts");
+* ``data/quantize/layer_{l:03d}/solved.safetensors`` — per linear ``<name>.int_weight``,
+  ``.scales``, ``.zeros``, ``.g_idx`` (the solver's output; ``vlmq.quant.dequantize`` rebuilds the
+  weight exactly);
+* ``data/quantize/layer_{l:03d}/x_hat.safetensors`` — X̂ at the input of layer l+1 (kept for the
+  latest finished layer only: enough to resume);
+* ``data/quantize/layer_{l:03d}/done.json`` — written last: the layer is finished.
+
+Killing the run and starting it again continues after the last finished layer and gives a result
+bit-identical to an uninterrupted run (``data/quantize/fingerprint.json`` guards against resuming
+with other params, model or calibration data). The vision tower, merger/projector, embeddings and
+lm_head stay full precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from stages.cache_fp import DTYPES, load_context, load_layer
+from stages.common import get_logger, peak_rss_mb, save_safetensors, write_json, write_parquet
+from stages.params import Params, load_params
+
+CACHE = Path("data/cache")
+STATE = Path("data/quantize")
+IMPORTANCE = Path("data/importance")
+SEGMENTS = ("system", "image", "instruction", "answer")
+MODALITIES = ("text", "vision")
+
+
+def layer_config(params: Params):
+    from vlmq.quantize import LayerQuantConfig
+
+    q, imp = params.quant, params.importance
+    return LayerQuantConfig(method=q.method, bits=q.bits, group_size=q.group_size, sym=q.sym,
+                            act_order=q.act_order, damp=q.damp, block_size=q.block_size,
+                            precursor=q.precursor, importance=imp.source, norm=imp.norm,
+                            enhance=tuple(imp.enhance), li_ratio=imp.li_ratio, down_weight=imp.down_weight)
+
+
+def fingerprint(params: Params, cache_dir: Path) -> str:
+    """What the state depends on: quant/importance/model params and the FP cache summary."""
+    summary = (cache_dir / "summary.json").read_text() if (cache_dir / "summary.json").is_file() else ""
+    blob = json.dumps({"quant": params.quant.model_dump(), "importance": params.importance.model_dump(),
+                       "model": params.model.model_dump(), "calib": params.calib.model_dump(),
+                       "seed": params.seed, "cache": summary}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def importance_frame(layer: int, outcome, ctx) -> "pd.DataFrame":
+    import numpy as np
+    import pandas as pd
+
+    parts = []
+    for name in outcome.g:
+        for bi, (c, labels) in enumerate(ctx):
+            mask = c.token_mask
+            b_idx, t_idx = mask.nonzero(as_tuple=True)
+            seg = labels["segment"][b_idx, t_idx].long().numpy()
+            mod = labels["modality"][b_idx, t_idx].long().numpy()
+            parts.append(pd.DataFrame({
+                "layer": np.full(len(b_idx), layer, dtype=np.int16),
+                "module": name,
+                "sample_id": labels["sample_id"][b_idx].numpy(),
+                "token_index": t_idx.numpy().astype(np.int32),
+                "segment": pd.Categorical.from_codes(seg, SEGMENTS),
+                "modality": pd.Categorical.from_codes(mod, MODALITIES),
+                "g": outcome.g[name][bi][b_idx, t_idx].numpy().astype(np.float32),
+                "err_norm": outcome.err_norm[name][bi][b_idx, t_idx].numpy().astype(np.float32),
+                "rule": outcome.rules[bi],
+            }))
+    df = pd.concat(parts, ignore_index=True)
+    df["module"] = df["module"].astype("category")
+    return df
+
+
+def read_file_importance(path: Path, layer: int, ctx) -> dict[str, list[torch.Tensor]]:
+    """g of an earlier run (importance.source = file) laid out per batch [B, T]."""
+    import pandas as pd
+
+    f = path / f"layer_{layer:03d}.parquet"
+    if not f.is_file():
+        raise FileNotFoundError(f"importance.file: {f} is missing")
+    df = pd.read_parquet(f, columns=["module", "sample_id", "token_index", "g"])
+    out: dict[str, list[torch.Tensor]] = {}
+    for name, part in df.groupby("module", observed=True):
+        lookup = {(int(s), int(t)): float(g) for s, t, g in zip(part["sample_id"], part["token_index"], part["g"])}
+        per_batch = []
+        for c, labels in ctx:
+            g = torch.zeros(c.token_mask.shape)
+            for bi, sid in enumerate(labels["sample_id"].tolist()):
+                for t in c.token_mask[bi].nonzero().squeeze(1).tolist():
+                    if (sid, t) not in lookup:
+                        raise ValueError(f"importance.file: {f} has no g for sample {sid} token {t} ({name})")
+                    g[bi, t] = lookup[(sid, t)]
+            per_batch.append(g)
+        out[str(name)] = per_batch
+    return out
+
+
+@dataclass
+class QuantizeRun:
+    """The loop's state; the flow (pipeline/flows.py) calls :meth:`step` once per layer."""
+
+    params: Params
+    cache_dir: Path = CACHE
+    state_dir: Path = STATE
+    importance_dir: Path = IMPORTANCE
+    log: object = None
+    timings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from vlmq.models import load_model
+
+        self.log = self.log or get_logger("quantize")
+        self.cfg = layer_config(self.params)
+        self.dtype = DTYPES[self.params.model.dtype]
+        self.device = torch.device(self.params.model.device)
+        self.model, self.processor, self.adapter = load_model(self.params.model.path, dtype=self.dtype)
+        self.model.eval().requires_grad_(False)
+        self.layers = self.adapter.decoder_layers(self.model)
+        self.ctx = load_context(self.cache_dir)
+        fp = fingerprint(self.params, self.cache_dir)
+        fp_file = self.state_dir / "fingerprint.json"
+        if fp_file.is_file() and json.loads(fp_file.read_text()).get("fingerprint") != fp:
+            self.log.info("quantize: params, model or cache changed since the saved state: starting over")
+            shutil.rmtree(self.state_dir)
+            shutil.rmtree(self.importance_dir, ignore_errors=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        write_json(fp_file, {"fingerprint": fp})
+        self.start = 0
+        while (self.layer_dir(self.start) / "done.json").is_file() and self.start < len(self.layers):
+            self.start += 1
+        if self.start:
+            self.log.info("quantize: resuming after %d finished layer(s)", self.start)
+            for l in range(self.start):
+                self.apply_solved(l)
+            self.x_hat = self.load_x_hat(self.start - 1)
+        else:
+            self.x_hat = load_layer(self.cache_dir, 0, self.dtype)
+
+    def layer_dir(self, l: int) -> Path:
+        return self.state_dir / f"layer_{l:03d}"
+
+    def apply_solved(self, l: int) -> None:
+        from safetensors.torch import load_file
+
+        from vlmq.quant import dequantize
+
+        t = load_file(str(self.layer_dir(l) / "solved.safetensors"))
+        for name in self.adapter.linear_names:
+            W = dequantize(t[f"{name}.int_weight"], t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"])
+            self.adapter.set_weight(self.layers[l], name, W)
+
+    def load_x_hat(self, l: int) -> list[torch.Tensor]:
+        from safetensors.torch import load_file
+
+        f = self.layer_dir(l) / "x_hat.safetensors"
+        if not f.is_file():
+            raise FileNotFoundError(f"quantize: resume state {f} is missing (delete {self.state_dir} to start over)")
+        t = load_file(str(f))
+        return [t[k] for k in sorted(t)]
+
+    def todo(self) -> range:
+        return range(self.start, len(self.layers))
+
+    def step(self, l: int) -> dict:
+        """Importance + solve of layer ``l``, then propagate X̂; writes the layer's artifacts."""
+        from vlmq.quantize import CalibBatch, quantize_layer
+
+        t0 = time.perf_counter()
+        layer = self.layers[l].to(self.device)
+        x_fp = load_layer(self.cache_dir, l, self.dtype)
+        batches = [CalibBatch(inputs=c.to(self.device), x_fp=xf.to(self.device), x_hat=xh.to(self.device),
+                              modality=lab["modality"].to(self.device))
+                   for (c, lab), xf, xh in zip(self.ctx, x_fp, self.x_hat)]
+        gen = torch.Generator().manual_seed(self.params.seed * 100_003 + l)
+        file_g = None
+        if self.cfg.method == "vlmq" and self.cfg.importance == "file":
+            if not self.params.importance.file:
+                raise ValueError("importance.source is 'file' but importance.file is not set")
+            file_g = read_file_importance(Path(self.params.importance.file), l, self.ctx)
+        outcome = quantize_layer(self.adapter, layer, batches, self.cfg, name=f"layers.{l}", generator=gen,
+                                 file_g=file_g, on_step=lambda m: self.log.info("quantize: %s", m))
+        with torch.no_grad():
+            x_next = [self.adapter.run_layer(layer, b.x_hat, b.inputs).cpu() for b in batches]
+        self.layers[l].to("cpu")
+        d = self.layer_dir(l)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, r in outcome.results.items():
+            tensors.update({f"{name}.int_weight": r.int_weight.to(torch.uint8), f"{name}.scales": r.scales,
+                            f"{name}.zeros": r.zeros.to(torch.uint8), f"{name}.g_idx": r.g_idx})
+        q = self.params.quant
+        save_safetensors(tensors, d / "solved.safetensors",
+                         metadata={"bits": str(q.bits), "group_size": str(q.group_size), "sym": str(q.sym),
+                                   "method": q.method, "layer": str(l)})
+        if outcome.g:
+            write_parquet(importance_frame(l, outcome, self.ctx), self.importance_dir / f"layer_{l:03d}.parquet")
+        save_safetensors({f"b{i:04d}": t for i, t in enumerate(x_next)}, d / "x_hat.safetensors")
+        seconds = time.perf_counter() - t0
+        record = {"layer": l, "seconds": seconds, "block_loss": outcome.block_loss, "rules": sorted(set(outcome.rules)),
+                  "damp_used": {n: r.damp_used for n, r in outcome.results.items()}}
+        write_json(d / "done.json", record)
+        if l > 0 and (self.layer_dir(l - 1) / "x_hat.safetensors").is_file():
+            (self.layer_dir(l - 1) / "x_hat.safetensors").unlink()  # only the latest is needed to resume
+        self.x_hat = x_next
+        self.log.info("quantize: layer %d/%d done in %.1f s (peak RSS %.0f MiB)", l + 1, len(self.layers),
+                      seconds, peak_rss_mb())
+        return record
+
+    def finish(self, total_seconds: float) -> dict:
+        per_layer = [json.loads((self.layer_dir(l) / "done.json").read_text()) for l in range(len(self.layers))]
+        q = self.params.quant
+        summary = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "sym": q.sym,
+                   "act_order": q.act_order,
+                   "precursor": q.precursor if q.method in ("vlmq",) else (q.method if q.method in ("gptq", "gptaq") else None),
+                   "importance": self.params.importance.source if q.method == "vlmq" else None,
+                   "quantize_seconds": sum(r["seconds"] for r in per_layer),
+                   "wall_seconds_this_run": total_seconds, "peak_rss_mb": peak_rss_mb(),
+                   "layers": per_layer}
+        write_json(self.state_dir / "summary.json", summary)
+        return summary
+
+
+def quantize(params_path: str | Path | None = None, **dirs) -> dict:
+    """Run the whole loop without Prefect (the flow in pipeline/flows.py does the same, one task
+    per layer)."""
+    params = load_params(params_path)
+    t0 = time.perf_counter()
+    run = QuantizeRun(params, **dirs)
+    for l in run.todo():
+        run.step(l)
+    return run.finish(time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default=None)
+    a = ap.parse_args(argv)
+    from pipeline.flows import quantize_flow
+
+    quantize_flow(a.params)
+
+
+if __name__ == "__main__":
+    main()
