@@ -21,10 +21,51 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ModelParams(_Strict):
+    """Which model to quantize. The default is the embedded demo model committed in the repo;
+    point ``path`` at a local Hugging Face directory (safetensors) for a real checkpoint."""
+
+    path: str = "data/demo/model"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+class CalibParams(_Strict):
+    """Calibration data (paper Appendix E: 512 samples, max length 512 for Qwen2-VL, 986 for
+    LLaVA-OneVision; samples whose vision segment would be cut are dropped)."""
+
+    source: str = "data/demo/calib.parquet"  # local Parquet file or `datasets` save_to_disk dir
+    image_column: str = "image"
+    prompt_column: str = "question"
+    answer_column: str = "answer"
+    system_prompt: str | None = None
+    n_samples: int = Field(64, ge=1)
+    max_length: int = Field(512, ge=8)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+
+
+class CacheParams(_Strict):
+    """FP activation cache (``data/cache``): dtype of X on disk."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+
+
+class ImportanceParams(_Strict):
+    """Where VLMQ's token importance G comes from (paper Sec. 4 and ablations, Tables 1, 5, 12)."""
+
+    source: Literal["gradient", "constant", "random", "file"] = "gradient"
+    norm: Literal["l1", "l2"] = "l1"
+    enhance: list[Literal["q_proj", "k_proj", "v_proj", "o_proj"]] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    li_ratio: float = Field(0.5, ge=0.0, le=1.0)       # random: fraction of vision tokens down-weighted
+    down_weight: float = Field(0.1, ge=0.0)            # random: their importance
+    file: str | None = None                            # file: importance directory of an earlier run
+
+
 class QuantParams(_Strict):
     """Weight quantization of the language backbone's decoder linears."""
 
-    method: Literal["rtn", "gptq", "gptaq", "awq", "mbq", "vlm_ptq", "vlmq", "vlmq+vlm_ptq"] = "vlmq"
+    method: Literal["rtn", "gptq", "gptaq", "vlmq"] = "vlmq"
     bits: Literal[2, 3, 4, 8] = 3
     group_size: int = 128
     sym: bool = False
@@ -43,7 +84,11 @@ class QuantParams(_Strict):
 
 class Params(_Strict):
     seed: int = 0
+    model: ModelParams = ModelParams()
+    calib: CalibParams = CalibParams()
+    cache: CacheParams = CacheParams()
     quant: QuantParams = QuantParams()
+    importance: ImportanceParams = ImportanceParams()
 
 
 class ParamsError(ValueError):
