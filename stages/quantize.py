@@ -51,12 +51,24 @@ def layer_config(params: Params):
                             enhance=tuple(imp.enhance), li_ratio=imp.li_ratio, down_weight=imp.down_weight)
 
 
+def code_hash() -> str:
+    """sha256 over the math package and this stage: changed code never resumes stale state."""
+    import vlmq
+
+    h = hashlib.sha256()
+    files = sorted(Path(vlmq.__file__).parent.rglob("*.py")) + [Path(__file__)]
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def fingerprint(params: Params, cache_dir: Path) -> str:
-    """What the state depends on: quant/importance/model params and the FP cache summary."""
-    summary = (cache_dir / "summary.json").read_text() if (cache_dir / "summary.json").is_file() else ""
+    """What the state depends on: quant/importance/model params, the FP cache summary and the
+    code; a resumed run with a different fingerprint starts over."""
+    summary = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(cache_dir).glob("*") if f.is_file())
     blob = json.dumps({"quant": params.quant.model_dump(), "importance": params.importance.model_dump(),
                        "model": params.model.model_dump(), "calib": params.calib.model_dump(),
-                       "seed": params.seed, "cache": summary}, sort_keys=True)
+                       "seed": params.seed, "cache": summary, "code": code_hash()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
