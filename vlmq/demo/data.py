@@ -1,0 +1,280 @@
+"""The demo visual-QA dataset: questions of five skills about rendered scenes.
+
+Skills (the ``skill`` column):
+
+* ``color``    - "What color is the triangle?" -> ``red``
+* ``count``    - "How many blue shapes are there?" -> ``2``
+* ``position`` - "Is the red circle left or right of the green square?" -> ``left``
+* ``text``     - "What does the text say?" -> ``K7B2`` (a code of several characters)
+* ``mcq``      - ScienceQA-style lettered multiple choice over the above -> ``C``
+
+Splits (Parquet written by HF ``datasets`` with an ``Image`` feature):
+
+* ``train`` - one row per image; ``question``/``answer``/``skill`` are lists (one question of every
+  skill that the scene admits), so training can put several turns about one image in a sequence.
+* ``calib`` - one row per image: instruction ("Describe the image.") and a short caption answer,
+  like the COCO-caption calibration set of the paper; ``skill`` = ``caption``.
+* ``eval``  - one row per question, skills balanced; scenes disjoint from train and calib.
+
+Every row also carries ``scene`` (JSON of what was drawn), the ground truth of its answers.
+Everything is a pure function of the seed: the same seed writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from vlmq.demo.render import COLORS, SHAPES, Scene, render, sample_scene
+
+SKILLS: tuple[str, ...] = ("color", "count", "position", "text", "mcq")
+LETTERS = "ABCD"
+MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """Knobs of scene sampling and rendering."""
+
+    grid: int = 8
+    cell: int = 28
+    min_objects: int = 1
+    max_objects: int = 6
+    min_code: int = 3
+    max_code: int = 4
+    jitter: int = 3
+
+    def sample(self, rng: random.Random) -> Scene:
+        return sample_scene(rng, self.grid, self.min_objects, self.max_objects, self.min_code,
+                            self.max_code, self.jitter)
+
+
+QA = tuple[str, str]
+
+
+def _unique_shape_objects(scene: Scene) -> list:
+    counts = {s: sum(o.shape == s for o in scene.objects) for s in SHAPES}
+    return [o for o in scene.objects if counts[o.shape] == 1]
+
+
+def q_color(scene: Scene, rng: random.Random) -> QA | None:
+    cands = _unique_shape_objects(scene)
+    if not cands:
+        return None
+    o = rng.choice(cands)
+    q = rng.choice(["What color is the {s}?", "What is the color of the {s}?"]).format(s=o.shape)
+    return q, o.color
+
+
+def _count_question(scene: Scene, rng: random.Random) -> tuple[str, int]:
+    kind = rng.choice(["all", "color", "shape"])
+    if kind == "all":
+        return "How many shapes are there?", len(scene.objects)
+    if kind == "color":
+        c = rng.choice(list(COLORS))
+        return f"How many {c} shapes are there?", sum(o.color == c for o in scene.objects)
+    s = rng.choice(SHAPES)
+    return f"How many {s}s are there?", sum(o.shape == s for o in scene.objects)
+
+
+def q_count(scene: Scene, rng: random.Random) -> QA | None:
+    q, n = _count_question(scene, rng)
+    return q, str(n)
+
+
+def q_position(scene: Scene, rng: random.Random) -> QA | None:
+    if len(scene.objects) < 2:
+        return None
+    a, b = rng.sample(list(scene.objects), 2)
+    horizontal = a.col != b.col and (a.row == b.row or rng.random() < 0.5)
+    if horizontal:
+        return f"Is the {a.name} left or right of the {b.name}?", "left" if a.col < b.col else "right"
+    if a.row == b.row:
+        return None
+    return f"Is the {a.name} above or below the {b.name}?", "above" if a.row < b.row else "below"
+
+
+def q_text(scene: Scene, rng: random.Random) -> QA | None:
+    q = rng.choice(["What does the text say?", "Read the text in the image."])
+    return q, scene.code
+
+
+def format_mcq(question: str, options: list[str]) -> str:
+    """ScienceQA-style prompt: question, lettered options, instruction."""
+    opts = " ".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return f"Question: {question}\nOptions: {opts}\n{MCQ_SUFFIX}"
+
+
+def q_mcq(scene: Scene, rng: random.Random) -> QA | None:
+    kind = rng.choice(["color", "count", "present"])
+    if kind == "color":
+        cands = _unique_shape_objects(scene)
+        if not cands:
+            return None
+        o = rng.choice(cands)
+        question, right = f"What color is the {o.shape}?", o.color
+        wrong = rng.sample([c for c in COLORS if c != right], 3)
+    elif kind == "count":
+        question, n = _count_question(scene, rng)
+        right = str(n)
+        wrong = [str(k) for k in rng.sample([k for k in range(7) if k != n], 3)]
+    else:
+        present = {o.name for o in scene.objects}
+        absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present]
+        question, right = "Which of these objects is in the image?", rng.choice(sorted(present))
+        wrong = rng.sample(absent, 3)
+    options = wrong + [right]
+    rng.shuffle(options)
+    return format_mcq(question, options), LETTERS[options.index(right)]
+
+
+QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random], QA | None]] = {
+    "color": q_color,
+    "count": q_count,
+    "position": q_position,
+    "text": q_text,
+    "mcq": q_mcq,
+}
+CAPTION_INSTRUCTIONS = ("Describe the image.", "Write a short caption.")
+
+
+def caption(scene: Scene, rng: random.Random) -> QA:
+    """Short COCO-style caption of a scene (instruction, caption)."""
+    n = len(scene.objects)
+    if rng.random() < 0.5:
+        cap = f"{n} shapes and the text {scene.code}"
+    else:
+        cap = f"the text {scene.code} and {n} shapes"
+    return rng.choice(CAPTION_INSTRUCTIONS), cap
+
+
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def scene_key(scene: Scene) -> str:
+    return hashlib.sha1(json.dumps(scene.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def split_rng(seed: int, split: str) -> random.Random:
+    """Independent, reproducible random stream per split (str seeding is hash-stable)."""
+    return random.Random(f"vlmq-demo/{seed}/{split}")
+
+
+def make_train_rows(n_images: int, seed: int, spec: SceneSpec) -> dict[str, list]:
+    rng = split_rng(seed, "train")
+    rows: dict[str, list] = {"image_id": [], "image": [], "question": [], "answer": [], "skill": [], "scene": []}
+    for i in range(n_images):
+        scene = spec.sample(rng)
+        qs, ans, sk = [], [], []
+        for skill in SKILLS:
+            qa = QUESTION_MAKERS[skill](scene, rng)
+            if qa is not None:
+                qs.append(qa[0]), ans.append(qa[1]), sk.append(skill)
+        rows["image_id"].append(f"train-{i:06d}")
+        rows["image"].append({"bytes": png_bytes(render(scene, spec.cell)), "path": None})
+        rows["question"].append(qs)
+        rows["answer"].append(ans)
+        rows["skill"].append(sk)
+        rows["scene"].append(json.dumps(scene.to_dict(), sort_keys=True))
+    return rows
+
+
+def make_calib_rows(n_images: int, seed: int, spec: SceneSpec) -> dict[str, list]:
+    rng = split_rng(seed, "calib")
+    rows: dict[str, list] = {"image_id": [], "image": [], "question": [], "answer": [], "skill": [], "scene": []}
+    for i in range(n_images):
+        scene = spec.sample(rng)
+        q, a = caption(scene, rng)
+        rows["image_id"].append(f"calib-{i:06d}")
+        rows["image"].append({"bytes": png_bytes(render(scene, spec.cell)), "path": None})
+        rows["question"].append(q)
+        rows["answer"].append(a)
+        rows["skill"].append("caption")
+        rows["scene"].append(json.dumps(scene.to_dict(), sort_keys=True))
+    return rows
+
+
+def make_eval_rows(per_skill: int, seed: int, spec: SceneSpec, exclude: set[str]) -> dict[str, list]:
+    """``per_skill`` questions of every skill, each on its own fresh scene not in ``exclude``."""
+    rng = split_rng(seed, "eval")
+    rows: dict[str, list] = {"image_id": [], "image": [], "question": [], "answer": [], "skill": [], "scene": []}
+    for i in range(per_skill * len(SKILLS)):
+        skill = SKILLS[i % len(SKILLS)]
+        while True:
+            scene = spec.sample(rng)
+            if scene_key(scene) in exclude:
+                continue
+            qa = QUESTION_MAKERS[skill](scene, rng)
+            if qa is not None:
+                break
+        rows["image_id"].append(f"eval-{i:06d}")
+        rows["image"].append({"bytes": png_bytes(render(scene, spec.cell)), "path": None})
+        rows["question"].append(qa[0])
+        rows["answer"].append(qa[1])
+        rows["skill"].append(skill)
+        rows["scene"].append(json.dumps(scene.to_dict(), sort_keys=True))
+    return rows
+
+
+def _features(listy: bool):
+    from datasets import Features, Image, List, Value
+
+    text = List(Value("string")) if listy else Value("string")
+    return Features({"image_id": Value("string"), "image": Image(), "question": text, "answer": text,
+                     "skill": text, "scene": Value("string")})
+
+
+def write_split(rows: dict[str, list], path: str | Path) -> Path:
+    """Write rows as Parquet through ``datasets`` (Image feature), atomically."""
+    from datasets import Dataset
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    listy = bool(rows["question"]) and isinstance(rows["question"][0], list)
+    ds = Dataset.from_dict(rows, features=_features(listy))
+    tmp = path.with_name(path.name + ".tmp")
+    ds.to_parquet(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def build_splits(out_dir: str | Path, seed: int, n_train: int, n_calib: int, eval_per_skill: int,
+                 spec: SceneSpec) -> dict[str, Path]:
+    """Generate and write ``train``, ``calib`` and ``eval`` Parquet files under ``out_dir``."""
+    out_dir = Path(out_dir)
+    train = make_train_rows(n_train, seed, spec)
+    calib = make_calib_rows(n_calib, seed, spec)
+    seen = {scene_key(Scene.from_dict(json.loads(s))) for s in train["scene"] + calib["scene"]}
+    evl = make_eval_rows(eval_per_skill, seed, spec, seen)
+    return {
+        "train": write_split(train, out_dir / "train.parquet"),
+        "calib": write_split(calib, out_dir / "calib.parquet"),
+        "eval": write_split(evl, out_dir / "eval.parquet"),
+    }
+
+
+def load_split(path: str | Path):
+    """The split as a ``datasets.Dataset`` (``image`` decodes to PIL)."""
+    from datasets import Dataset
+
+    return Dataset.from_parquet(str(path))
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows as plain dicts, images left as PNG bytes (fast path for training, no cache files)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(str(path))
+    out = table.to_pylist()
+    for r in out:
+        r["image"] = r["image"]["bytes"]
+    return out

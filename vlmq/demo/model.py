@@ -1,0 +1,307 @@
+"""The demo model: a tiny but genuine ``Qwen2VLForConditionalGeneration`` and its training.
+
+Architecture: the stock transformers Qwen2-VL (ViT vision tower with 2-D RoPE, 2x2 patch merger,
+decoder with M-RoPE, separate q/k/v/o and gate/up/down projections), only small. Training adds
+auxiliary heads that are discarded afterwards (the saved checkpoint is plain Qwen2-VL):
+
+* on the merger output (one vector per 28-px cell): colour / shape / size / character in the cell;
+* on the LM hidden state after ``aux_layer`` decoder layers at every image token: the same plus the
+  cell's row and column; at ``<|vision_end|>``: the number of shapes in total, per colour, per shape.
+
+These dense per-token targets let a model this small learn to ground answers in image tokens
+within a CPU budget (answer-only cross-entropy alone stays at question-only guessing).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vlmq.demo.render import CODE_ALPHABET, COLORS, SHAPES, SIZES, Scene
+
+MAX_COUNT = 7  # count classes 0..6
+
+
+def build_config(tokenizer, *, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
+                 mrope_section: Sequence[int], vision_depth: int, vision_embed_dim: int, vision_heads: int,
+                 max_positions: int = 1024):
+    """A Qwen2VLConfig for the demo tokenizer (token ids taken from it)."""
+    from transformers import Qwen2VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
+    vocab = int(math.ceil(len(tokenizer) / 64) * 64)
+    text_config = dict(
+        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    vision_config = dict(depth=vision_depth, embed_dim=vision_embed_dim, hidden_size=hidden_size,
+                         num_heads=vision_heads, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+                         temporal_patch_size=2, in_channels=3)
+    cfg = Qwen2VLConfig(text_config=text_config, vision_config=vision_config,
+                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                        tie_word_embeddings=False)
+    cfg.eos_token_id = ids["<|im_end|>"]
+    cfg.pad_token_id = ids["<|endoftext|>"]
+    return cfg
+
+
+def decoder_linears(model) -> dict[str, nn.Linear]:
+    """The language backbone's decoder linears (q/k/v/o, gate/up/down of every layer) by name."""
+    out: dict[str, nn.Linear] = {}
+    for i, layer in enumerate(model.model.language_model.layers):
+        for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                            ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            for n in names:
+                out[f"model.language_model.layers.{i}.{part}.{n}"] = getattr(getattr(layer, part), n)
+    return out
+
+
+class AuxHeads(nn.Module):
+    """Training-only probes on the merger output and an intermediate LM hidden state."""
+
+    def __init__(self, hidden: int, grid: int):
+        super().__init__()
+        n_char = 1 + len(CODE_ALPHABET)
+        self.sizes = {"color": 1 + len(COLORS), "shape": 1 + len(SHAPES), "size": 1 + len(SIZES), "char": n_char}
+        self.vis = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in self.sizes.items()})
+        lm_sizes = dict(self.sizes, row=grid, col=grid)
+        self.lm = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in lm_sizes.items()})
+        self.n_counts = 1 + len(COLORS) + len(SHAPES)
+        self.count = nn.Linear(hidden, self.n_counts * MAX_COUNT)
+
+
+def scene_targets(scene: Scene) -> dict[str, torch.Tensor]:
+    """Per-cell classes and count classes of one scene."""
+    cells = scene.cell_labels()
+    g = scene.grid
+    t = {k: torch.tensor([c[k] for c in cells]) for k in ("color", "shape", "size", "char")}
+    t["row"] = torch.arange(g * g) // g
+    t["col"] = torch.arange(g * g) % g
+    counts = [len(scene.objects)] + [sum(o.color == c for o in scene.objects) for c in COLORS] + \
+             [sum(o.shape == s for o in scene.objects) for s in SHAPES]
+    t["counts"] = torch.tensor(counts).clamp(max=MAX_COUNT - 1)
+    return t
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    labels: list[int]
+
+
+class ConversationEncoder:
+    """Token ids + labels of (multi-turn) conversations about one image, the chat template's way.
+
+    Turn 1: ``<|im_start|>user\\n<|vision_start|><|image_pad|>*n<|vision_end|>{q}<|im_end|>\\n``
+    ``<|im_start|>assistant\\n{a}<|im_end|>\\n``; later turns repeat the user/assistant pattern
+    without the image. Labels cover answer tokens and the closing ``<|im_end|>`` only.
+    """
+
+    def __init__(self, tokenizer, n_image_tokens: int):
+        self.tok = tokenizer
+        self.cache: dict[str, list[int]] = {}
+        self.image_prefix = self._enc("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n_image_tokens +
+                                      "<|vision_end|>")
+        self.user = self._enc("<|im_start|>user\n")
+        self.to_assistant = self._enc("<|im_end|>\n<|im_start|>assistant\n")
+        self.im_end = self._enc("<|im_end|>")
+        self.newline = self._enc("\n")
+
+    def _enc(self, s: str) -> list[int]:
+        if s not in self.cache:
+            self.cache[s] = self.tok(s, add_special_tokens=False)["input_ids"]
+        return self.cache[s]
+
+    def encode(self, turns: Sequence[tuple[str, str]]) -> Encoded:
+        ids: list[int] = list(self.image_prefix)
+        labels: list[int] = [-100] * len(ids)
+        for k, (q, a) in enumerate(turns):
+            head = (self.user if k else []) + self._enc(q) + self.to_assistant
+            ans = self._enc(a) + self.im_end
+            ids += head + ans + self.newline
+            labels += [-100] * len(head) + ans + [-100] * len(self.newline)
+        return Encoded(ids, labels)
+
+
+def set_determinism(seed: int, threads: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int, min_frac: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int
+    min_lr_frac: float
+    weight_decay: float
+    max_turns: int
+    aux_weight: float
+    aux_layer: int
+    qk_init_std: float
+    grad_clip: float
+    seed: int
+    log_every: int
+
+
+def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
+          log: Callable[[str], None] = print, holdout: list[dict] | None = None) -> dict:
+    """Train ``model`` in place on train rows (one image, lists of questions per row)."""
+    from PIL import Image
+
+    tok = processor.tokenizer
+    n_img_tok = grid * grid
+    enc = ConversationEncoder(tok, n_img_tok)
+    hidden = model.config.text_config.hidden_size
+    aux = AuxHeads(hidden, grid)
+    img_id = model.config.image_token_id
+    vend_id = model.config.vision_end_token_id
+    pad_id = tok.pad_token_id
+
+    if cfg.qk_init_std > 0:
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * cfg.qk_init_std)
+
+    params = list(model.parameters()) + list(aux.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=cfg.weight_decay)
+    merger_out: dict[str, torch.Tensor] = {}
+    hook = model.model.visual.merger.register_forward_hook(lambda m, i, o: merger_out.__setitem__("x", o))
+    rng = random.Random(f"train/{cfg.seed}")
+    order: list[int] = []
+    model.train()
+    t0 = time.time()
+    hist: dict[str, float] = {}
+    stats = {"loss": 0.0, "aux": 0.0, "acc": 0.0, "n": 0}
+
+    def batch_of(idx: list[int]):
+        images, encs, tgts = [], [], []
+        for i in idx:
+            r = rows[i]
+            images.append(Image.open(io.BytesIO(r["image"])).convert("RGB"))
+            turns = list(zip(r["question"], r["answer"]))
+            rng.shuffle(turns)
+            turns = turns[: rng.randint(1, min(cfg.max_turns, len(turns)))]
+            encs.append(enc.encode(turns))
+            tgts.append(scene_targets(Scene.from_dict(json.loads(r["scene"]))))
+        L = max(len(e.ids) for e in encs)
+        ids = torch.full((len(encs), L), pad_id)
+        lab = torch.full((len(encs), L), -100)
+        att = torch.zeros((len(encs), L), dtype=torch.long)
+        for b, e in enumerate(encs):
+            ids[b, : len(e.ids)] = torch.tensor(e.ids)
+            lab[b, : len(e.labels)] = torch.tensor(e.labels)
+            att[b, : len(e.ids)] = 1
+        pix = processor.image_processor(images=images, return_tensors="pt")
+        t = {k: torch.stack([x[k] for x in tgts]) for k in tgts[0]}
+        return ids, lab, att, pix["pixel_values"], pix["image_grid_thw"], t
+
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            perm = list(range(len(rows)))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        ids, lab, att, pix, thw, tg = batch_of(idx)
+        lr = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        out = model(input_ids=ids, attention_mask=att, pixel_values=pix, image_grid_thw=thw,
+                    mm_token_type_ids=(ids == img_id).long(), output_hidden_states=True, use_cache=False)
+        logits = out.logits[:, :-1]
+        tgt = lab[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+        # auxiliary losses
+        B = ids.shape[0]
+        vis = merger_out["x"].reshape(B, n_img_tok, hidden)
+        aux_loss = sum(F.cross_entropy(aux.vis[k](vis).flatten(0, 1), tg[k].flatten()) for k in aux.vis)
+        h = out.hidden_states[cfg.aux_layer]
+        img_mask = ids == img_id
+        hi = h[img_mask].reshape(B, n_img_tok, hidden)
+        aux_loss = aux_loss + sum(F.cross_entropy(aux.lm[k](hi).flatten(0, 1), tg[k].flatten()) for k in aux.lm)
+        hv = h[ids == vend_id]
+        cnt = aux.count(hv).reshape(B, aux.n_counts, MAX_COUNT)
+        aux_loss = aux_loss + F.cross_entropy(cnt.flatten(0, 1), tg["counts"].flatten()) * 3
+        loss = ce + cfg.aux_weight * aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            m = tgt != -100
+            acc = (logits.argmax(-1)[m] == tgt[m]).float().mean().item()
+        stats["loss"] += ce.item()
+        stats["aux"] += aux_loss.item()
+        stats["acc"] += acc
+        stats["n"] += 1
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            n = stats["n"]
+            msg = (f"step {step + 1}/{cfg.steps} lr {lr:.2e} ce {stats['loss'] / n:.4f} aux {stats['aux'] / n:.3f} "
+                   f"tok_acc {stats['acc'] / n:.4f} elapsed {time.time() - t0:.0f}s")
+            if holdout is not None:
+                msg += f" | holdout {holdout_accuracy(model, processor, holdout, enc):s}"
+                model.train()
+            log(msg)
+            hist = {k: stats[k] / n for k in ("loss", "aux", "acc")}
+            stats = {"loss": 0.0, "aux": 0.0, "acc": 0.0, "n": 0}
+    hook.remove()
+    model.eval()
+    return {"final": hist, "seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def holdout_accuracy(model, processor, rows: list[dict], enc: ConversationEncoder) -> str:
+    """Teacher-forced exact match (all answer tokens right) per skill on single-question rows."""
+    from PIL import Image
+
+    model.eval()
+    res: dict[str, list[int]] = {}
+    for s in range(0, len(rows), 32):
+        chunk = rows[s: s + 32]
+        encs = [enc.encode([(r["question"], r["answer"])]) for r in chunk]
+        L = max(len(e.ids) for e in encs)
+        ids = torch.full((len(encs), L), processor.tokenizer.pad_token_id)
+        lab = torch.full((len(encs), L), -100)
+        att = torch.zeros((len(encs), L), dtype=torch.long)
+        for b, e in enumerate(encs):
+            ids[b, : len(e.ids)] = torch.tensor(e.ids)
+            lab[b, : len(e.labels)] = torch.tensor(e.labels)
+            att[b, : len(e.ids)] = 1
+        pix = processor.image_processor(images=[Image.open(io.BytesIO(r["image"])).convert("RGB") for r in chunk],
+                                        return_tensors="pt")
+        out = model(input_ids=ids, attention_mask=att, pixel_values=pix["pixel_values"],
+                    image_grid_thw=pix["image_grid_thw"], mm_token_type_ids=(ids == model.config.image_token_id).long(),
+                    use_cache=False)
+        pred = out.logits[:, :-1].argmax(-1)
+        tgt = lab[:, 1:]
+        for b, r in enumerate(chunk):
+            m = tgt[b] != -100
+            res.setdefault(r["skill"], []).append(int(bool((pred[b][m] == tgt[b][m]).all())))
+    return " ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in sorted(res.items()))
