@@ -123,6 +123,36 @@ def read_file_importance(path: Path, layer: int, ctx) -> dict[str, list[torch.Te
     return out
 
 
+def apply_solved_layer(adapter, layer, path: Path) -> None:
+    """Set a decoder layer's linears to the dequantized solved weights stored at ``path``."""
+    from safetensors.torch import load_file
+
+    from vlmq.quant import dequantize
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"quantized state: {path} is missing (run the quantize stage)")
+    t = load_file(str(path))
+    for name in adapter.linear_names:
+        W = dequantize(t[f"{name}.int_weight"], t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"])
+        adapter.set_weight(layer, name, W)
+
+
+def load_fake_quantized_model(model_path: str | Path, state_dir: str | Path = STATE,
+                              dtype: torch.dtype = torch.float32):
+    """The FP model with every decoder layer's linears replaced by the solved (dequantized)
+    weights of a finished quantize run: ``(model, processor, adapter, summary)``."""
+    from vlmq.models import load_model
+
+    state_dir = Path(state_dir)
+    summary_file = state_dir / "summary.json"
+    if not summary_file.is_file():
+        raise FileNotFoundError(f"quantized state: {summary_file} is missing (quantize did not finish)")
+    model, processor, adapter = load_model(model_path, dtype=dtype)
+    for l, layer in enumerate(adapter.decoder_layers(model)):
+        apply_solved_layer(adapter, layer, state_dir / f"layer_{l:03d}" / "solved.safetensors")
+    return model, processor, adapter, json.loads(summary_file.read_text())
+
+
 @dataclass
 class QuantizeRun:
     """The loop's state; the flow (pipeline/flows.py) calls :meth:`step` once per layer."""
@@ -168,14 +198,7 @@ class QuantizeRun:
         return self.state_dir / f"layer_{l:03d}"
 
     def apply_solved(self, l: int) -> None:
-        from safetensors.torch import load_file
-
-        from vlmq.quant import dequantize
-
-        t = load_file(str(self.layer_dir(l) / "solved.safetensors"))
-        for name in self.adapter.linear_names:
-            W = dequantize(t[f"{name}.int_weight"], t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"])
-            self.adapter.set_weight(self.layers[l], name, W)
+        apply_solved_layer(self.adapter, self.layers[l], self.layer_dir(l) / "solved.safetensors")
 
     def load_x_hat(self, l: int) -> list[torch.Tensor]:
         from safetensors.torch import load_file
