@@ -82,13 +82,96 @@ class QuantParams(_Strict):
         return v
 
 
+class DemoDataParams(_Strict):
+    """The rendered visual-QA dataset of the embedded demo model (``stages.demo_data``)."""
+
+    seed: int = 0
+    n_train: int = Field(30000, ge=1)          # train images (one row each, one question per skill)
+    n_calib: int = Field(256, ge=1)            # calibration images (instruction + caption)
+    eval_per_skill: int = Field(200, ge=1)     # held-out questions per skill
+    grid: int = Field(8, ge=2)                 # cells per side; a cell is one merged vision token
+    cell: int = Field(28, ge=14)               # pixels per cell (28 = 14-px patches, 2x2 merge)
+    min_objects: int = Field(1, ge=1)
+    max_objects: int = Field(6, ge=1)
+    min_code: int = Field(3, ge=1)             # characters of the rendered text code
+    max_code: int = Field(4, ge=1)
+    jitter: int = Field(3, ge=0)               # max shape offset from the cell centre (px)
+
+
+class DemoModelParams(_Strict):
+    """Shape of the demo Qwen2-VL (every decoder linear in-dimension a multiple of 128)."""
+
+    vocab_size: int = Field(512, ge=300)       # BPE training target (special tokens included)
+    hidden_size: int = Field(256, ge=128)
+    intermediate_size: int = Field(768, ge=128)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    mrope_section: list[int] = [8, 12, 12]     # temporal/height/width halves of head_dim/2
+    vision_depth: int = Field(2, ge=1)
+    vision_embed_dim: int = Field(128, ge=16)
+    vision_heads: int = Field(4, ge=1)
+
+    @field_validator("hidden_size", "intermediate_size")
+    @classmethod
+    def _multiple_of_128(cls, v: int) -> int:
+        if v % 128:
+            raise ValueError("must be a multiple of 128 (decoder linear in-dimensions, group size 128)")
+        return v
+
+
+class DemoTrainParams(_Strict):
+    """CPU training of the demo model (``stages.demo_model``)."""
+
+    seed: int = 0
+    threads: int = Field(2, ge=1)              # fixed torch thread count (determinism)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1.5e-3, gt=0.0)
+    warmup: int = Field(100, ge=0)
+    min_lr_frac: float = Field(0.05, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_turns: int = Field(3, ge=1)            # questions about one image per training sequence
+    aux_weight: float = Field(0.5, ge=0.0)     # weight of the training-only per-token heads
+    aux_layer: int = Field(2, ge=1)            # LM hidden state probed by the auxiliary heads
+    qk_init_std: float = Field(0.05, ge=0.0)   # 0 = keep the default init of q/k projections
+    grad_clip: float = Field(1.0, gt=0.0)
+    log_every: int = Field(50, ge=1)
+    holdout: int = Field(200, ge=0)            # train images held out to monitor accuracy
+
+
+class DemoParams(_Strict):
+    """The embedded default model: rendered visual-QA data + a tiny Qwen2-VL trained on it."""
+
+    out_dir: str = "data/demo"
+    data: DemoDataParams = DemoDataParams()
+    model: DemoModelParams = DemoModelParams()
+    train: DemoTrainParams = DemoTrainParams()
+
+
 class Params(_Strict):
     seed: int = 0
     model: ModelParams = ModelParams()
     calib: CalibParams = CalibParams()
     cache: CacheParams = CacheParams()
     quant: QuantParams = QuantParams()
+    demo: DemoParams = DemoParams()
     importance: ImportanceParams = ImportanceParams()
+
+
+def run_name(params: "Params") -> str:
+    """Name of the quantized configuration, e.g. ``vlmq-w3g128`` (precursor and importance source
+    appended when not the defaults): used for ``reports/eval/<run>/`` and the report rows."""
+    q = params.quant
+    gs = "c" if q.group_size == -1 else f"g{q.group_size}"
+    name = f"{q.method}-w{q.bits}{gs}"
+    if q.method == "vlmq":
+        if q.precursor != "gptaq":
+            name += f"-{q.precursor}"
+        if params.importance.source != "gradient":
+            name += f"-{params.importance.source}"
+    if q.sym:
+        name += "-sym"
+    return name
 
 
 class ParamsError(ValueError):

@@ -32,11 +32,12 @@ import torch
 
 from stages.cache_fp import DTYPES, load_context, load_layer
 from stages.common import get_logger, peak_rss_mb, save_safetensors, write_json, write_parquet
-from stages.params import Params, load_params
+from stages.params import Params, load_params, run_name
 
 CACHE = Path("data/cache")
 STATE = Path("data/quantize")
 IMPORTANCE = Path("data/importance")
+REPORTS = Path("reports/quantize")
 SEGMENTS = ("system", "image", "instruction", "answer")
 MODALITIES = ("text", "vision")
 
@@ -161,6 +162,7 @@ class QuantizeRun:
     cache_dir: Path = CACHE
     state_dir: Path = STATE
     importance_dir: Path = IMPORTANCE
+    report_dir: Path = REPORTS
     log: object = None
     timings: dict = field(default_factory=dict)
 
@@ -267,7 +269,9 @@ class QuantizeRun:
                    "quantize_seconds": sum(r["seconds"] for r in per_layer),
                    "wall_seconds_this_run": total_seconds, "peak_rss_mb": peak_rss_mb(),
                    "layers": per_layer}
+        summary["run"] = run_name(self.params)
         write_json(self.state_dir / "summary.json", summary)
+        write_json(self.report_dir / f"{summary['run']}.json", {k: v for k, v in summary.items() if k != "layers"})
         return summary
 
 

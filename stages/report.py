@@ -1,0 +1,288 @@
+"""Stage ``report``: what happened, as tables and pictures.
+
+Reads every evaluated run (``reports/eval/<run>/result.json`` + ``per_question.parquet``), the
+quantize summaries (``reports/quantize/<run>.json``), the importance Parquet and the FP cache, and
+writes:
+
+* ``reports/metrics.json`` — ``{"runs": [{method, bits, group_size, precursor, importance,
+  accuracy, per_task, answer_nll, kl_to_fp, quantize_seconds, peak_rss_mb}, ...]}`` (FP as
+  ``"method": "fp"``), the DVC metrics file;
+* ``reports/summary.md`` and ``reports/summary.csv`` — the paper's Table 2 layout per bit width
+  (rows FP and each method, columns per task and the average), quantize time and peak memory
+  (Table 10 layout), paired comparisons (a method is called better than another only when the
+  paired per-question difference is ≥ 2 standard errors, "within noise" otherwise);
+* ``reports/plots/*.png`` (+ CSVs for ``dvc plots``): accuracy vs bits per method; token
+  importance g by segment/modality per layer (Fig. 3 style); PCA of text vs vision activations
+  of one layer from the FP cache (Fig. 2 style).
+
+A missing or corrupt result file fails naming the file: never a silently partial table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from stages.common import atomic_path, get_logger, stage_timer, write_json
+
+EVAL = Path("reports/eval")
+QUANT = Path("reports/quantize")
+OUT = Path("reports")
+IMPORTANCE = Path("data/importance")
+CACHE = Path("data/cache")
+BASELINES = ("rtn", "gptq", "gptaq", "awq", "mbq")
+RESULT_KEYS = ("accuracy", "per_task", "answer_nll", "kl_to_fp")
+
+
+class ReportError(RuntimeError):
+    """An input of the report is missing or corrupt (the message names the file)."""
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ReportError(f"report: {path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReportError(f"report: {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"report: {path} must hold a JSON object")
+    return data
+
+
+def collect_runs(eval_dir: Path = EVAL, quant_dir: Path = QUANT) -> list[dict]:
+    """One record per evaluated run; every run directory must be complete."""
+    if not eval_dir.is_dir():
+        raise ReportError(f"report: {eval_dir} is missing (run the evaluate stage)")
+    runs = []
+    for d in sorted(p for p in eval_dir.iterdir() if p.is_dir()):
+        res = read_json(d / "result.json")
+        missing = [k for k in RESULT_KEYS if k not in res]
+        if missing:
+            raise ReportError(f"report: {d / 'result.json'} lacks {missing}")
+        if not (d / "per_question.parquet").is_file():
+            raise ReportError(f"report: {d / 'per_question.parquet'} is missing")
+        rec = {"run": d.name, "method": "fp", "bits": 16, "group_size": None, "precursor": None,
+               "importance": None, "quantize_seconds": None, "peak_rss_mb": None}
+        if d.name != "fp":
+            q = read_json(quant_dir / f"{d.name}.json")
+            rec.update({k: q.get(k) for k in ("method", "bits", "group_size", "precursor", "importance",
+                                              "quantize_seconds", "peak_rss_mb")})
+        rec.update({k: res[k] for k in RESULT_KEYS})
+        runs.append(rec)
+    if not runs:
+        raise ReportError(f"report: no evaluated run under {eval_dir}")
+    return runs
+
+
+def paired(eval_dir: Path, a: str, b: str, column: str) -> tuple[float, float, int]:
+    """Mean and standard error of the per-question difference a − b in ``column``."""
+    pa = pd.read_parquet(eval_dir / a / "per_question.parquet")
+    pb = pd.read_parquet(eval_dir / b / "per_question.parquet")
+    key = "question_id"
+    m = pa[[key, column]].merge(pb[[key, column]], on=key, suffixes=("_a", "_b"))
+    d = (m[f"{column}_a"].astype(float) - m[f"{column}_b"].astype(float)).dropna()
+    n = len(d)
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return float(d.mean()) if n else float("nan"), se, n
+
+
+def verdict(mean: float, se: float, lower_is_better: bool) -> str:
+    if not math.isfinite(se) or se == 0 or abs(mean) < 2 * se:
+        return "within noise"
+    better = mean < 0 if lower_is_better else mean > 0
+    return "better" if better else "worse"
+
+
+def fmt(x, pct=False, digits=4):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{100 * x:.1f}" if pct else f"{x:.{digits}g}"
+
+
+def tables(runs: list[dict], eval_dir: Path) -> tuple[str, pd.DataFrame]:
+    fp = next((r for r in runs if r["method"] == "fp"), None)
+    tasks = sorted({t for r in runs for t in r["per_task"]})
+    rows = []
+    for r in runs:
+        row = {"run": r["run"], "method": r["method"], "bits": r["bits"], "group_size": r["group_size"],
+               "precursor": r["precursor"], "importance": r["importance"], "accuracy": r["accuracy"],
+               "answer_nll": r["answer_nll"], "kl_to_fp": r["kl_to_fp"],
+               "quantize_seconds": r["quantize_seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+        row.update({f"task:{t}": r["per_task"].get(t) for t in tasks})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    md = ["# Summary", ""]
+    for bits in sorted({r["bits"] for r in runs if r["method"] != "fp"}):
+        group = [r for r in runs if r["bits"] == bits and r["method"] != "fp"]
+        md += [f"## W{bits} (accuracy %, answer NLL, KL to FP)", ""]
+        head = ["method", "g", *tasks, "avg", "answer NLL", "KL to FP"]
+        md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in ([fp] if fp else []) + group:
+            gs = "–" if r["group_size"] is None else ("ch" if r["group_size"] == -1 else r["group_size"])
+            cells = [r["run"], str(gs)] + [fmt(r["per_task"].get(t), pct=True) for t in tasks]
+            cells += [fmt(r["accuracy"], pct=True), fmt(r["answer_nll"]), fmt(r["kl_to_fp"])]
+            md.append("| " + " | ".join(cells) + " |")
+        ours = [r for r in group if r["method"].startswith("vlmq")]
+        base = [r for r in group if r["method"] in BASELINES]
+        if ours and base:
+            bo = max(ours, key=lambda r: r["accuracy"])
+            bb = max(base, key=lambda r: r["accuracy"])
+            md += ["", f"Best VLMQ ({bo['run']}) vs best baseline ({bb['run']}): "
+                       f"{100 * (bo['accuracy'] - bb['accuracy']):+.1f} accuracy points."]
+            for col, low in (("correct", False), ("kl_to_fp", True), ("answer_nll", True)):
+                mean, se, n = paired(eval_dir, bo["run"], bb["run"], col)
+                md.append(f"- paired {col}: {mean:+.4g} ± {se:.2g} (SE, n={n}) → {verdict(mean, se, low)}")
+        md.append("")
+    md += ["## Quantization cost (Table 10 layout)", "", "| run | quantize time (s) | peak RSS (MiB) |", "|---|---|---|"]
+    for r in runs:
+        if r["method"] != "fp":
+            md.append(f"| {r['run']} | {fmt(r['quantize_seconds'])} | {fmt(r['peak_rss_mb'])} |")
+    return "\n".join(md) + "\n", df
+
+
+def importance_by_layer(importance_dir: Path) -> pd.DataFrame:
+    files = sorted(importance_dir.glob("layer_*.parquet"))
+    parts = []
+    for f in files:
+        try:
+            df = pd.read_parquet(f, columns=["layer", "module", "segment", "modality", "g"])
+        except Exception as err:
+            raise ReportError(f"report: {f} is not a readable importance Parquet ({err})") from None
+        parts.append(df.groupby(["layer", "modality", "segment"], observed=True)["g"].mean().reset_index())
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def plot_all(runs: list[dict], imp: pd.DataFrame, cache_dir: Path, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    # accuracy vs bits per method
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fp = next((r for r in runs if r["method"] == "fp"), None)
+    for method in sorted({r["method"] for r in runs if r["method"] != "fp"}):
+        pts = sorted((r["bits"], r["accuracy"]) for r in runs if r["method"] == method)
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
+    if fp:
+        ax.axhline(100 * fp["accuracy"], color="k", ls="--", label="FP")
+    ax.set_xticks(sorted({r["bits"] for r in runs if r["method"] != "fp"}))
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy vs weight bits")
+    ax.legend()
+    written.append(_save(fig, out / "accuracy_vs_bits.png"))
+    # importance by segment per layer
+    if not imp.empty:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for seg, part in imp.groupby("segment", observed=True):
+            s = part.groupby("layer")["g"].mean()
+            ax.plot(s.index, s.values, marker="o", label=str(seg))
+        ax.set_yscale("log")
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("mean importance g (log)")
+        ax.set_title("Token importance g by segment per layer")
+        ax.legend()
+        written.append(_save(fig, out / "importance_by_segment.png"))
+    # PCA of text vs vision activations (FP cache, middle layer)
+    pca = pca_points(cache_dir)
+    if pca is not None:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for mod, color in (("text", "tab:blue"), ("vision", "tab:orange")):
+            p = pca[pca["modality"] == mod]
+            ax.scatter(p["pc1"], p["pc2"], s=4, alpha=0.5, c=color, label=f"{mod} ({len(p)})")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.set_title(f"FP activations, layer {int(pca['layer'].iloc[0])}: text vs vision")
+        ax.legend()
+        written.append(_save(fig, out / "pca_text_vision.png"))
+    return written
+
+
+def pca_points(cache_dir: Path, max_points: int = 4000) -> pd.DataFrame | None:
+    import torch
+
+    from stages.cache_fp import load_context, load_layer
+
+    summary = cache_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    n_layers = read_json(summary)["n_layers"]
+    layer = n_layers // 2
+    ctx = load_context(cache_dir)
+    xs, mods = [], []
+    for (c, lab), x in zip(ctx, load_layer(cache_dir, layer, torch.float32)):
+        m = c.token_mask
+        xs.append(x[m])
+        mods.append(lab["modality"][m])
+    X = torch.cat(xs)
+    mod = torch.cat(mods)
+    if X.shape[0] > max_points:
+        idx = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))[:max_points]
+        X, mod = X[idx], mod[idx]
+    Xc = X - X.mean(0)
+    _, _, V = torch.pca_lowrank(Xc, q=2, center=False, niter=4)
+    P = Xc @ V[:, :2]
+    return pd.DataFrame({"layer": layer, "pc1": P[:, 0].numpy(), "pc2": P[:, 1].numpy(),
+                         "modality": ["vision" if int(v) == 1 else "text" for v in mod]})
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def report(eval_dir: str | Path = EVAL, quant_dir: str | Path = QUANT, out_dir: str | Path = OUT,
+           importance_dir: str | Path = IMPORTANCE, cache_dir: str | Path = CACHE) -> dict:
+    eval_dir, quant_dir, out_dir = Path(eval_dir), Path(quant_dir), Path(out_dir)
+    log = get_logger("report")
+    with stage_timer(log, "report") as info:
+        runs = collect_runs(eval_dir, quant_dir)
+        md, df = tables(runs, eval_dir)
+        imp = importance_by_layer(Path(importance_dir))
+        if not imp.empty:
+            piv = imp.groupby(["layer", "modality"], observed=True)["g"].mean().unstack()
+            md += "\n## Mean token importance g, vision vs text (paper Fig. 3)\n\n"
+            md += "| layer | text | vision | vision / text |\n|---|---|---|---|\n"
+            for layer, r in piv.iterrows():
+                t, v = r.get("text", float("nan")), r.get("vision", float("nan"))
+                md += f"| {layer} | {t:.4g} | {v:.4g} | {v / t:.3g} |\n"
+        metrics = {"runs": [{k: r[k] for k in ("method", "bits", "group_size", "precursor", "importance",
+                                               "accuracy", "per_task", "answer_nll", "kl_to_fp",
+                                               "quantize_seconds", "peak_rss_mb")} | {"run": r["run"]}
+                            for r in runs]}
+        write_json(out_dir / "metrics.json", metrics)
+        with atomic_path(out_dir / "summary.md") as tmp:
+            tmp.write_text(md)
+        with atomic_path(out_dir / "summary.csv") as tmp:
+            df.to_csv(tmp, index=False)
+        plots = plot_all(runs, imp, Path(cache_dir), out_dir / "plots")
+        if not imp.empty:
+            with atomic_path(out_dir / "plots" / "importance_by_layer.csv") as tmp:
+                imp.to_csv(tmp, index=False)
+        info["read"] += [eval_dir, quant_dir, importance_dir, cache_dir]
+        info["wrote"] += [out_dir / "metrics.json", out_dir / "summary.md", out_dir / "summary.csv", *plots]
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.parse_args(argv)
+    from pipeline.flows import run_stage
+
+    run_stage("report", report)
+
+
+if __name__ == "__main__":
+    main()
