@@ -148,6 +148,28 @@ class DemoParams(_Strict):
     train: DemoTrainParams = DemoTrainParams()
 
 
+class SweepParams(_Strict):
+    """The grid of the sweep flow (``python -m pipeline.sweep``): independent quantize → evaluate
+    branches on Prefect's task runner (threads, or a Dask cluster with ``prefect-dask``)."""
+
+    methods: list[Literal["rtn", "gptq", "gptaq", "vlmq"]] = ["rtn", "gptq", "gptaq", "vlmq"]
+    bits: list[Literal[2, 3, 4, 8]] = [3, 2]
+    group_sizes: list[int] = [128]
+    importance: list[Literal["gradient", "constant", "random"]] = ["gradient"]
+    gptq_precursor_at_2bit: bool = True   # the paper's ‡ rows: VLMQ on GPTQ at 2 bits
+    engine: Literal["threads", "dask"] = "threads"
+    workers: int = Field(1, ge=1)
+    dask_address: str | None = None       # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786
+
+    @field_validator("group_sizes")
+    @classmethod
+    def _gs(cls, v: list[int]) -> list[int]:
+        for g in v:
+            if g != -1 and g < 1:
+                raise ValueError("group sizes must be -1 (per output channel) or positive integers")
+        return v
+
+
 class Params(_Strict):
     seed: int = 0
     model: ModelParams = ModelParams()
@@ -156,6 +178,7 @@ class Params(_Strict):
     quant: QuantParams = QuantParams()
     demo: DemoParams = DemoParams()
     importance: ImportanceParams = ImportanceParams()
+    sweep: SweepParams = SweepParams()
 
 
 def run_name(params: "Params") -> str:

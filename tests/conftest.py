@@ -42,3 +42,12 @@ def tiny_vlm(tmp_path_factory) -> dict[str, Path]:
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
     return {"root": root, "model": model_dir, **splits}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's own test harness: a temporary database and API for the flows run in tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

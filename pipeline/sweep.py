@@ -1,0 +1,119 @@
+"""The sweep flow: a grid of quantize → evaluate branches on Prefect's task runner.
+
+``params.yaml``'s ``sweep`` section lists the grid (methods × bits × importance sources × group
+sizes). Every branch quantizes the model into ``data/sweep/<run>/`` (its own state, importance
+Parquet and report json) and evaluates it; the results land in one table,
+``reports/sweep.csv``. With ``sweep.engine: dask`` (``prefect-dask``) the same branches fan out
+over a Dask cluster: a local one with ``sweep.workers`` worker processes by default, or an existing
+cluster given by ``sweep.dask_address`` — users outgrowing one machine use Dask's own cluster
+tooling, no home-made scheduler.
+
+    .venv/bin/python -m pipeline.sweep            # the grid of params.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+from pathlib import Path
+
+from prefect import flow, task
+
+SWEEP_ROOT = Path("data/sweep")
+
+
+def expand_grid(params) -> list[dict]:
+    """The branch configurations (plain dicts, picklable for Dask workers)."""
+    from stages.params import parse_params, run_name
+
+    sw = params.sweep
+    base = params.model_dump()
+    out, seen = [], set()
+    for method, bits, gs, source in itertools.product(sw.methods, sw.bits, sw.group_sizes, sw.importance):
+        if method != "vlmq" and source != sw.importance[0]:
+            continue  # the importance source only matters for VLMQ
+        cfg = {**base, "quant": {**base["quant"], "method": method, "bits": bits, "group_size": gs},
+               "importance": {**base["importance"], "source": source}}
+        if bits <= 2 and sw.gptq_precursor_at_2bit:
+            cfg["quant"]["precursor"] = "gptq"  # the paper's ‡ rows (Appendix E)
+        name = run_name(parse_params(cfg))
+        if name not in seen:
+            seen.add(name)
+            out.append(cfg)
+    return out
+
+
+def run_branch(cfg: dict, root: str, evaluate: bool = True) -> dict:
+    """One branch: quantize into ``root/<run>/`` (resumable), then evaluate (if available)."""
+    from stages.params import parse_params, run_name
+    from stages.quantize import QuantizeRun
+
+    params = parse_params(cfg)
+    name = run_name(params)
+    d = Path(root) / name
+    t0 = time.perf_counter()
+    run = QuantizeRun(params, state_dir=d / "quantize", importance_dir=d / "importance", report_dir=d)
+    for l in run.todo():
+        run.step(l)
+    summary = run.finish(time.perf_counter() - t0)
+    row = {"run": name, "method": params.quant.method, "bits": params.quant.bits,
+           "group_size": params.quant.group_size, "importance": summary.get("importance"),
+           "precursor": summary.get("precursor"), "quantize_seconds": summary["quantize_seconds"],
+           "peak_rss_mb": summary["peak_rss_mb"], "worker_pid": os.getpid()}
+    if evaluate:
+        from stages.evaluate import evaluate_run  # lmms-eval based evaluation of the branch
+
+        row.update(evaluate_run(params, state_dir=d / "quantize", run=name))
+    return row
+
+
+def _task_runner(params):
+    sw = params.sweep
+    if sw.engine == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if sw.dask_address:
+            return DaskTaskRunner(address=sw.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": sw.workers, "threads_per_worker": 1,
+                                              "processes": True})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=sw.workers)
+
+
+def sweep(params_path: str | Path | None = None, root: str | Path = SWEEP_ROOT, evaluate: bool = True,
+          out_csv: str | Path = "reports/sweep.csv") -> list[dict]:
+    """Build the flow with the configured task runner and run it."""
+    import pandas as pd
+
+    from stages.common import atomic_path
+    from stages.params import load_params
+
+    params = load_params(params_path)
+    configs = expand_grid(params)
+
+    @flow(name="sweep", task_runner=_task_runner(params), log_prints=True, validate_parameters=False)
+    def sweep_flow() -> list[dict]:
+        branch = task(run_branch, name="branch")
+        futures = [branch.with_options(task_run_name=f"branch-{i}").submit(cfg, str(root), evaluate)
+                   for i, cfg in enumerate(configs)]
+        return [f.result() for f in futures]
+
+    rows = sweep_flow()
+    with atomic_path(out_csv) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Run the params.yaml sweep grid")
+    ap.add_argument("--params", default=None)
+    ap.add_argument("--no-eval", action="store_true")
+    a = ap.parse_args(argv)
+    sweep(a.params, evaluate=not a.no_eval)
+
+
+if __name__ == "__main__":
+    main()
