@@ -335,3 +335,21 @@ def test_group_size_not_dividing_is_partial_group():
     assert r.scales.shape == (4, 1)
     r = quantize_weight(W, torch.randn(300, 100), bits=4, group_size=30)
     assert r.scales.shape == (4, 4)
+
+
+def test_recursive_triangular_inverse_and_inverse_cholesky_factor():
+    from vlmq.solver import _upper_cholesky_of_inverse, lower_triangular_inverse
+
+    gen = torch.Generator().manual_seed(14)
+    n = 700  # > the 512 leaf: one level of block recursion; leaf=40 below: several uneven levels
+    A = torch.randn(n, 2 * n, generator=gen, dtype=torch.float64)
+    H = A @ A.T / (2 * n)
+    L = torch.linalg.cholesky(H)
+    for leaf in (40, 512):
+        Li = lower_triangular_inverse(L, leaf=leaf)
+        assert torch.allclose(Li, torch.linalg.inv(L), rtol=1e-9, atol=1e-9)
+        assert torch.equal(Li, Li.tril())
+    U, rel = _upper_cholesky_of_inverse(H, 0.01, "t")
+    Hl = H + 0.01 * torch.diagonal(H).mean() * torch.eye(n, dtype=torch.float64)
+    assert rel == 0.01 and torch.equal(U, U.triu()) and (torch.diagonal(U) > 0).all()
+    assert torch.allclose(U.T @ U @ Hl, torch.eye(n, dtype=torch.float64), atol=1e-9)

@@ -100,26 +100,47 @@ def _check_weight(weight, name):
         raise ValueError(f"{name}: weight contains NaN/Inf values")
 
 
+def lower_triangular_inverse(L: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by 2×2 block recursion, so that almost all the work
+    is GEMM: inv([[A, 0], [C, D]]) = [[A⁻¹, 0], [−D⁻¹ C A⁻¹, D⁻¹]]."""
+    n = L.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        return torch.linalg.solve_triangular(L, eye, upper=False)
+    h = n // 2
+    A_inv = lower_triangular_inverse(L[:h, :h], leaf)
+    D_inv = lower_triangular_inverse(L[h:, h:], leaf)
+    out = torch.zeros_like(L)
+    out[:h, :h] = A_inv
+    out[h:, h:] = D_inv
+    out[h:, :h] = -(D_inv @ L[h:, :h]) @ A_inv
+    return out
+
+
 def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float, name: str):
-    """Damp H, then return (H_λ⁻¹, upper Cholesky factor U of H_λ⁻¹, relative damping used).
+    """Damp H and return (U, relative damping used), U the upper Cholesky factor of H_λ⁻¹.
+
+    With J the reversal permutation and J H_λ J = L Lᵀ, H_λ⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J) and
+    J L⁻¹ J is upper triangular with a positive diagonal: U = J L⁻¹ J. One Cholesky and one
+    triangular inverse instead of GPTQ's Cholesky, inverse and second Cholesky.
 
     A Hessian that is not positive definite after damping is retried in float64, then with
     damping multiplied by 10 (logged), up to MAX_DAMP_TRIES times; never NaN weights."""
-    n = H.shape[0]
     mean_diag = torch.diagonal(H).mean()
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
     rel = damp
+    flipped = H.flip(0, 1)
     for attempt in range(MAX_DAMP_TRIES):
-        Hd = H + (rel * mean_diag) * eye
         for dtype in dict.fromkeys((H.dtype, torch.float64)):
-            L, info = torch.linalg.cholesky_ex(Hd.to(dtype))
+            Hd = flipped.to(dtype=dtype, copy=True)
+            Hd.diagonal().add_(rel * mean_diag.to(dtype))
+            L, info = torch.linalg.cholesky_ex(Hd)
+            del Hd
             if info.item() == 0:
-                Hinv = torch.cholesky_inverse(L)
-                U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
-                if info2.item() == 0 and torch.isfinite(U).all():
+                U = lower_triangular_inverse(L).flip(0, 1)
+                if torch.isfinite(U).all():
                     if attempt:
                         log.warning("%s: Hessian not positive definite at damp=%g; solved with damp=%g", name, damp, rel)
-                    return Hinv.to(H.dtype), U.to(H.dtype), rel
+                    return U.to(H.dtype), rel
         rel *= 10.0
     raise FloatingPointError(
         f"{name}: Hessian is not positive definite even with damp={rel / 10:g} (inputs degenerate?)")
@@ -160,7 +181,8 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
         W = W[:, perm]
         H = H[perm][:, perm]
         dead = dead[perm]
-    Hinv, U, damp_used = _upper_cholesky_of_inverse(H, damp, name)
+    U, damp_used = _upper_cholesky_of_inverse(H, damp, name)
+    del H
 
     # Column-major work layout: row j of Wt is input column j (contiguous for the column loop).
     Wt = W.T.contiguous()
@@ -168,10 +190,9 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
         D = stats.D.to(device=dev, dtype=cdtype)
         if perm is not None:
             D = D[perm][:, perm]
-        # W* = W + W D H_λ⁻¹  →  W*ᵀ = Wᵀ + H_λ⁻¹ Dᵀ Wᵀ (H_λ⁻¹ symmetric)
-        Wt += Hinv @ (D.T @ Wt)
+        # W* = W + W D H_λ⁻¹  →  W*ᵀ = Wᵀ + H_λ⁻¹ Dᵀ Wᵀ, with H_λ⁻¹ = Uᵀ U
+        Wt += U.T @ (U @ (D.T @ Wt))
     Wt[dead] = 0.0
-    del Hinv
 
     gs = in_f if group_size == -1 else group_size
     bs = gs * max(1, block_size // gs) if gs <= block_size else gs
