@@ -213,13 +213,11 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
             if col % gs == 0:
                 s, z = affine_params(W1[i:i + gs].T, bits, sym)
                 scales[col // gs], zeros[col // gs] = s, z
-            w = W1[i]
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            dq = s * (q - z)
-            Qt[col] = q
-            DQt[col] = dq
-            err = (w - dq) / U1[i, i]
-            Err1[i] = err
+            w, q, dq, err = W1[i], Qt[col], DQt[col], Err1[i]
+            # q = clamp(round(w / s) + z, 0, maxq); dq = s (q − z); err = (w − dq) / U_ii — in place
+            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
+            torch.sub(q, z, out=dq).mul_(s)
+            torch.sub(w, dq, out=err).div_(U1[i, i])
             if i + 1 < i2 - i1:
                 W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
         if i2 < in_f:
