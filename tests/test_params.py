@@ -1,0 +1,54 @@
+"""params.yaml: one typed schema; typos and bad values fail naming the key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import ParamsError, load_params, run_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_are_valid():
+    p = load_params(REPO / "params.yaml")
+    assert p.quant.method in ("rtn", "gptq", "gptaq", "vlmq")
+
+
+def write(tmp_path, data) -> Path:
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(data))
+    return f
+
+
+def test_typo_key_is_named(tmp_path):
+    with pytest.raises(ParamsError) as e:
+        load_params(write(tmp_path, {"quant": {"bitz": 3}}))
+    assert "quant.bitz: unknown key" in str(e.value) and "params.yaml" in str(e.value)
+
+
+def test_bad_value_names_key_and_allowed_values(tmp_path):
+    with pytest.raises(ParamsError) as e:
+        load_params(write(tmp_path, {"quant": {"bits": 5}}))
+    msg = str(e.value)
+    assert "quant.bits" in msg and "2, 3, 4 or 8" in msg and "5" in msg
+    with pytest.raises(ParamsError, match="quant.group_size"):
+        load_params(write(tmp_path, {"quant": {"group_size": 0}}))
+    with pytest.raises(ParamsError, match="importance.source"):
+        load_params(write(tmp_path, {"importance": {"source": "magic"}}))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("quant: [1, 2")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+
+
+def test_run_names(tmp_path):
+    assert run_name(load_params(write(tmp_path, {"quant": {"method": "gptq", "bits": 2, "group_size": -1}}))) == "gptq-w2c"
+    p = load_params(write(tmp_path, {"quant": {"method": "vlmq", "precursor": "gptq"}, "importance": {"source": "random"}}))
+    assert run_name(p) == "vlmq-w3g128-gptq-random"
