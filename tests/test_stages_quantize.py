@@ -69,6 +69,10 @@ def test_quantize_artifacts_constant_equals_plain_and_resume(workdir, tiny_vlm):
     df1 = pd.read_parquet("data/importance/layer_001.parquet")
     assert (df1["rule"] == "gradient").all() and (df1["g"] > 0).all() and df1["g"].notna().all()
     vlmq = solved(Path("data/quantize"))
+    from stages.inspect import importance_stats
+
+    text = importance_stats(Path("data/importance"), 1)
+    assert "g by module and segment" in text and "image" in text and "vision/text" in text
 
     # constant importance == plain GPTAQ, bit for bit
     p = write_params(workdir / "params.yaml", tiny_vlm, method="vlmq", importance={"source": "constant"})
