@@ -124,19 +124,21 @@ class DemoTrainParams(_Strict):
 
     seed: int = 0
     threads: int = Field(2, ge=1)              # fixed torch thread count (determinism)
-    steps: int = Field(1500, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1.5e-3, gt=0.0)
-    warmup: int = Field(100, ge=0)
+    steps: int = Field(1300, ge=1)
+    batch_size: int = Field(12, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    warmup: int = Field(60, ge=0)
     min_lr_frac: float = Field(0.05, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    max_turns: int = Field(3, ge=1)            # questions about one image per training sequence
+    max_turns: int = Field(5, ge=1)            # questions about one image per training sequence
     aux_weight: float = Field(0.5, ge=0.0)     # weight of the training-only per-token heads
     aux_layer: int = Field(2, ge=1)            # LM hidden state probed by the auxiliary heads
     qk_init_std: float = Field(0.05, ge=0.0)   # 0 = keep the default init of q/k projections
     grad_clip: float = Field(1.0, gt=0.0)
-    log_every: int = Field(50, ge=1)
-    holdout: int = Field(200, ge=0)            # train images held out to monitor accuracy
+    log_every: int = Field(100, ge=1)
+    holdout: int = Field(40, ge=0)             # train images held out to monitor accuracy
+    curriculum_steps: int = Field(350, ge=0)   # first steps: scenes with 1 -> max shapes
+    save_every: int = Field(200, ge=0)         # monitoring checkpoint <out_dir>/model.ckpt (0 = none)
 
 
 class DemoParams(_Strict):
@@ -170,6 +172,42 @@ class SweepParams(_Strict):
         return v
 
 
+PAPER_TASKS = ["chartqa", "docvqa_val", "mmerealworld", "mmerealworld_cn", "ocrbench", "scienceqa_img",
+               "seedbench_2_plus", "textvqa_val"]
+
+
+class EvalParams(_Strict):
+    """Evaluation with lmms-eval (``stages.evaluate``): the FP model and the quantize run.
+
+    ``tasks`` are lmms-eval task names: the project's (``vlmq/lmms/tasks``: ``vlmq_demo``) or
+    lmms-eval's built-ins (their data must already be in the local HF cache: nothing is
+    downloaded). ``paper_tasks`` is the paper's eight benchmarks, for ``tasks: paper``."""
+
+    tasks: list[str] | Literal["paper"] = ["vlmq_demo"]
+    paper_tasks: list[str] = PAPER_TASKS          # ChartQA, DocVQA val, MME-RealWorld en/cn, OCRBench,
+                                                  # ScienceQA-IMG, SEED-Bench-2-Plus, TextVQA val
+    limit: int | None = Field(None, ge=1)         # first N questions per task (testing only)
+    batch_size: int = Field(1, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)  # null = each task's own (vlmq_demo: 16)
+    demo_eval: str = "data/demo/eval.parquet"     # data file of the vlmq_demo task
+    scienceqa_robust_extraction: bool = False     # scienceqa_img scored with the paper's robust
+                                                  # option-letter extraction (App. E.1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("at least one task")
+        return v
+
+    def task_list(self) -> list[str]:
+        """The tasks to run (``paper`` expanded, ScienceQA swapped for the robust variant)."""
+        tasks = list(self.paper_tasks) if self.tasks == "paper" else list(self.tasks)
+        if self.scienceqa_robust_extraction:
+            tasks = ["vlmq_scienceqa_img" if t == "scienceqa_img" else t for t in tasks]
+        return list(dict.fromkeys(tasks))
+
+
 class Params(_Strict):
     seed: int = 0
     model: ModelParams = ModelParams()
@@ -179,6 +217,7 @@ class Params(_Strict):
     demo: DemoParams = DemoParams()
     importance: ImportanceParams = ImportanceParams()
     sweep: SweepParams = SweepParams()
+    eval: EvalParams = EvalParams()
 
 
 def run_name(params: "Params") -> str:

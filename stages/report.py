@@ -83,8 +83,8 @@ def paired(eval_dir: Path, a: str, b: str, column: str) -> tuple[float, float, i
     """Mean and standard error of the per-question difference a − b in ``column``."""
     pa = pd.read_parquet(eval_dir / a / "per_question.parquet")
     pb = pd.read_parquet(eval_dir / b / "per_question.parquet")
-    key = "question_id"
-    m = pa[[key, column]].merge(pb[[key, column]], on=key, suffixes=("_a", "_b"))
+    key = [k for k in ("task", "question_id") if k in pa.columns and k in pb.columns]
+    m = pa[key + [column]].merge(pb[key + [column]], on=key, suffixes=("_a", "_b"))
     d = (m[f"{column}_a"].astype(float) - m[f"{column}_b"].astype(float)).dropna()
     n = len(d)
     se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
