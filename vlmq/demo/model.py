@@ -143,6 +143,9 @@ def set_determinism(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
+    # Deterministic mode would NaN-fill every fresh allocation (a large share of CPU time here);
+    # the values are always overwritten, so skip it.
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int, min_frac: float) -> float:
@@ -167,11 +170,20 @@ class TrainConfig:
     grad_clip: float
     seed: int
     log_every: int
+    curriculum_steps: int = 0
+    save_every: int = 0
 
 
 def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
-          log: Callable[[str], None] = print, holdout: list[dict] | None = None) -> dict:
-    """Train ``model`` in place on train rows (one image, lists of questions per row)."""
+          log: Callable[[str], None] = print, holdout: list[dict] | None = None,
+          checkpoint: Callable[[int], None] | None = None) -> dict:
+    """Train ``model`` in place on train rows (one image, lists of questions per row).
+
+    Curriculum: during the first ``cfg.curriculum_steps`` steps a batch is drawn only from images
+    with at most k shapes, k growing linearly from 1 to the maximum; afterwards, epochs of random
+    permutations. Every sequence holds 1..``max_turns`` questions about its image, shuffled.
+    ``checkpoint(step)`` is called every ``cfg.save_every`` steps (monitoring only).
+    """
     from PIL import Image
 
     tok = processor.tokenizer
@@ -223,12 +235,19 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
         t = {k: torch.stack([x[k] for x in tgts]) for k in tgts[0]}
         return ids, lab, att, pix["pixel_values"], pix["image_grid_thw"], t
 
+    n_obj = [len(json.loads(r["scene"])["objects"]) for r in rows]
+    max_obj = max(n_obj)
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            perm = list(range(len(rows)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        if step < cfg.curriculum_steps:
+            k = 1 + (max_obj * step) // cfg.curriculum_steps
+            pool = [i for i, n in enumerate(n_obj) if n <= k]
+            idx = rng.sample(pool, min(cfg.batch_size, len(pool)))
+        else:
+            if len(order) < cfg.batch_size:
+                perm = list(range(len(rows)))
+                rng.shuffle(perm)
+                order += perm
+            idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
         ids, lab, att, pix, thw, tg = batch_of(idx)
         lr = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
         for gr in opt.param_groups:
@@ -271,6 +290,10 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             log(msg)
             hist = {k: stats[k] / n for k in ("loss", "aux", "acc")}
             stats = {"loss": 0.0, "aux": 0.0, "acc": 0.0, "n": 0}
+        if checkpoint is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            model.eval()
+            checkpoint(step + 1)
+            model.train()
     hook.remove()
     model.eval()
     return {"final": hist, "seconds": time.time() - t0}

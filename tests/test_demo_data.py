@@ -1,0 +1,131 @@
+"""The demo visual-QA dataset: determinism, skills, answers consistent with the drawn scene."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmq.demo.data import LETTERS, SKILLS, SceneSpec, build_splits, read_rows
+from vlmq.demo.render import BACKGROUNDS, COLORS, SHAPES, Scene
+
+SPEC = SceneSpec()
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return build_splits(out, seed=3, n_train=40, n_calib=12, eval_per_skill=12, spec=SPEC)
+
+
+def test_same_seed_same_bytes(splits, tmp_path):
+    again = build_splits(tmp_path, seed=3, n_train=40, n_calib=12, eval_per_skill=12, spec=SPEC)
+    for name in ("train", "calib", "eval"):
+        assert _sha(splits[name]) == _sha(again[name]), name
+
+
+def test_other_seed_other_data(splits, tmp_path):
+    other = build_splits(tmp_path, seed=4, n_train=40, n_calib=12, eval_per_skill=12, spec=SPEC)
+    assert _sha(splits["eval"]) != _sha(other["eval"])
+
+
+def test_schema_and_skills(splits):
+    from datasets import Image as ImageFeature
+
+    from vlmq.demo.data import load_split
+
+    ds = load_split(splits["eval"])
+    assert isinstance(ds.features["image"], ImageFeature)
+    assert set(ds.column_names) >= {"image", "question", "answer", "skill", "scene"}
+    ev = read_rows(splits["eval"])
+    assert {r["skill"] for r in ev} == set(SKILLS)
+    assert [sum(r["skill"] == s for r in ev) for s in SKILLS] == [12] * len(SKILLS)
+    tr = read_rows(splits["train"])
+    assert set(s for r in tr for s in r["skill"]) == set(SKILLS)
+    assert {r["skill"] for r in read_rows(splits["calib"])} == {"caption"}
+
+
+def test_eval_scenes_disjoint_from_train(splits):
+    seen = {r["scene"] for n in ("train", "calib") for r in read_rows(splits[n])}
+    assert not seen & {r["scene"] for r in read_rows(splits["eval"])}
+
+
+def _occupied_cells(img: Image.Image, scene: Scene) -> set[tuple[int, int]]:
+    a = np.asarray(img).astype(int)
+    bg = np.array(BACKGROUNDS[scene.background])
+    c = SPEC.cell
+    out = set()
+    for r in range(scene.grid):
+        for k in range(scene.grid):
+            if (np.abs(a[r * c:(r + 1) * c, k * c:(k + 1) * c] - bg).sum(-1) > 30).any():
+                out.add((r, k))
+    return out
+
+
+def _expected(scene: Scene, question: str) -> str | None:
+    """Answer recomputed from the scene for the single (non-MCQ) question templates."""
+    objs = scene.objects
+    if m := re.fullmatch(r"What (?:color is|is the color of) the (\w+)\?", question):
+        (o,) = [o for o in objs if o.shape == m[1]]
+        return o.color
+    if question == "How many shapes are there?":
+        return str(len(objs))
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return str(sum(o.color == m[1] for o in objs))
+    if m := re.fullmatch(r"How many (\w+)s are there\?", question):
+        return str(sum(o.shape == m[1] for o in objs))
+    if m := re.fullmatch(r"Is the (\w+ \w+) (left or right of|above or below) the (\w+ \w+)\?", question):
+        (a,) = [o for o in objs if o.name == m[1]]
+        (b,) = [o for o in objs if o.name == m[3]]
+        if m[2] == "left or right of":
+            return "left" if a.col < b.col else "right"
+        return "above" if a.row < b.row else "below"
+    if question in ("What does the text say?", "Read the text in the image."):
+        return scene.code
+    return None
+
+
+def test_answers_match_the_drawn_scene(splits):
+    rows = read_rows(splits["eval"]) + [
+        {"image": r["image"], "scene": r["scene"], "question": q, "answer": a, "skill": s}
+        for r in read_rows(splits["train"]) for q, a, s in zip(r["question"], r["answer"], r["skill"])
+    ]
+    for r in rows:
+        scene = Scene.from_dict(json.loads(r["scene"]))
+        img = Image.open(io.BytesIO(r["image"])).convert("RGB")
+        assert img.size == (SPEC.grid * SPEC.cell,) * 2
+        # the picture shows exactly the scene's objects and code characters, one per cell
+        drawn = {(o.row, o.col) for o in scene.objects} | {(scene.code_row, scene.code_col + i)
+                                                              for i in range(len(scene.code))}
+        assert _occupied_cells(img, scene) == drawn
+        for o in scene.objects:  # the colour at the shape's centre is its colour
+            cx = o.col * SPEC.cell + SPEC.cell // 2 + max(-3, min(3, 0))
+            cy = o.row * SPEC.cell + SPEC.cell // 2
+            block = np.asarray(img)[cy - 6:cy + 7, cx - 6:cx + 7].reshape(-1, 3)
+            assert any(tuple(p) == COLORS[o.color] for p in block)
+        if r["skill"] == "mcq":
+            q, opts, _ = r["question"].split("\n")
+            options = dict(re.findall(r"([A-D])\. (.+?)(?= [A-D]\. |$)", opts.removeprefix("Options: ")))
+            assert list(options) == list(LETTERS) and r["answer"] in options
+            sub = q.removeprefix("Question: ")
+            if sub == "Which of these objects is in the image?":
+                names = {o.name for o in scene.objects}
+                assert [k for k, v in options.items() if v in names] == [r["answer"]]
+            else:
+                assert options[r["answer"]] == _expected(scene, sub)
+        else:
+            exp = _expected(scene, r["question"])
+            assert exp is not None, r["question"]
+            assert r["answer"] == exp
+            if r["question"] == "How many shapes are there?":
+                assert int(r["answer"]) == len(scene.objects)
+        assert all(o.shape in SHAPES for o in scene.objects)

@@ -1,0 +1,141 @@
+"""Demo tokenizer/processor/model: offline round trips, vision-token share, evaluation helpers."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmq.demo.data import CAPTION_INSTRUCTIONS, SceneSpec, make_calib_rows, make_eval_rows, make_train_rows
+from vlmq.demo.tokenizer import make_processor, train_tokenizer, user_prompt
+
+SPEC = SceneSpec()
+IMAGE = SPEC.grid * SPEC.cell
+
+
+def _rows(d: dict) -> list[dict]:
+    out = [dict(zip(d, v)) for v in zip(*d.values())]
+    for r in out:
+        r["image"] = r["image"]["bytes"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def data():
+    return {"train": _rows(make_train_rows(60, 0, SPEC)), "calib": _rows(make_calib_rows(20, 0, SPEC)),
+            "eval": _rows(make_eval_rows(2, 0, SPEC, set()))}
+
+
+@pytest.fixture(scope="module")
+def processor(data, tmp_path_factory):
+    texts = [t for r in data["train"] for t in r["question"] + r["answer"]]
+    texts += [r["answer"] for r in data["calib"]] + list(CAPTION_INSTRUCTIONS) + ["user\n", "assistant\n"]
+    return make_processor(train_tokenizer(texts, 512), IMAGE)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(processor):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from vlmq.demo.model import build_config
+
+    torch.manual_seed(0)
+    cfg = build_config(processor.tokenizer, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
+                       mrope_section=[8, 12, 12], vision_depth=1, vision_embed_dim=32, vision_heads=2)
+    return Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+def _img(r: dict) -> Image.Image:
+    return Image.open(io.BytesIO(r["image"])).convert("RGB")
+
+
+def test_processor_round_trip_offline(processor, data, tmp_path, monkeypatch):
+    from vlmq.demo.compat import load_processor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    processor.save_pretrained(tmp_path)
+    loaded = load_processor(str(tmp_path))
+    assert type(loaded).__name__ == "Qwen2VLProcessor"
+    assert "Qwen2VLImageProcessor" in type(loaded.image_processor).__name__
+    r = data["eval"][0]
+    text = loaded.apply_chat_template(user_prompt(r["question"]), add_generation_prompt=True, tokenize=False)
+    assert text == processor.apply_chat_template(user_prompt(r["question"]), add_generation_prompt=True, tokenize=False)
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in text
+    a = processor(text=[text], images=[_img(r)], return_tensors="pt")
+    b = loaded(text=[text], images=[_img(r)], return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
+    assert a["image_grid_thw"].tolist() == [[1, IMAGE // 14, IMAGE // 14]]
+    assert loaded.tokenizer.decode(loaded.tokenizer("K7B2")["input_ids"]) == "K7B2"
+    pieces = [t.lstrip("Ġ") for t in loaded.tokenizer.tokenize("the text K7B2")]
+    assert [t for t in pieces if t][-4:] == list("K7B2")  # one token per code character
+
+
+def test_vision_token_fraction_of_calib_sample(processor, data):
+    fractions = []
+    for r in data["calib"]:
+        text = processor.apply_chat_template(user_prompt(r["question"]), add_generation_prompt=True, tokenize=False)
+        ids = processor(text=[text + r["answer"] + "<|im_end|>"], images=[_img(r)], return_tensors="pt")["input_ids"][0]
+        fractions.append(float((ids == processor.image_token_id).float().mean()))
+    assert sorted(fractions)[len(fractions) // 2] >= 0.70
+    assert min(fractions) >= 0.68
+
+
+def test_encoder_matches_chat_template(processor, data):
+    from vlmq.demo.model import ConversationEncoder
+
+    enc = ConversationEncoder(processor.tokenizer, SPEC.grid ** 2)
+    r = data["eval"][0]
+    e = enc.encode([(r["question"], r["answer"])])
+    text = processor.apply_chat_template(user_prompt(r["question"]), add_generation_prompt=True, tokenize=False)
+    ids = processor(text=[text + r["answer"] + "<|im_end|>\n"], images=[_img(r)], return_tensors="pt")["input_ids"][0]
+    assert e.ids == ids.tolist()
+    n_ans = len(processor.tokenizer(r["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"])
+    assert sum(x != -100 for x in e.labels) == n_ans
+
+
+def test_tiny_model_save_load_equal_logits(tiny_model, processor, data, tmp_path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    r = data["eval"][1]
+    text = processor.apply_chat_template(user_prompt(r["question"]), add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[_img(r)], return_tensors="pt")
+    with torch.no_grad():
+        before = tiny_model(**inputs).logits
+    tiny_model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, local_files_only=True).eval()
+    with torch.no_grad():
+        after = loaded(**inputs).logits
+    assert torch.equal(before, after)
+
+
+def test_train_steps_and_evaluation_helpers(tiny_model, processor, data):
+    import copy
+
+    from vlmq.demo import evaluate as ev
+    from vlmq.demo.model import TrainConfig, decoder_linears, train
+
+    model = copy.deepcopy(tiny_model)
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=1, min_lr_frac=0.1, weight_decay=0.0, max_turns=3,
+                      aux_weight=0.5, aux_layer=1, qk_init_std=0.05, grad_clip=1.0, seed=0, log_every=1)
+    rec = train(model, processor, data["train"], cfg, SPEC.grid, log=lambda s: None)
+    assert rec["final"]["loss"] > 0
+    rows = data["eval"][:4]
+    preds = ev.greedy_answers(model, processor, rows, batch_size=2, max_new_tokens=3)
+    assert len(preds) == 4 and all(isinstance(p, str) for p in preds)
+    acc = ev.exact_match([r["answer"] for r in rows], rows)
+    assert acc["overall"]["acc"] == 1.0
+    lp = ev.answer_logprobs(model, processor, rows, batch_size=3)
+    nll, kl = ev.nll_kl(lp, lp)
+    assert all(x > 0 for x in nll) and all(abs(x) < 1e-6 for x in kl)
+    q = ev.apply_rtn(model, 2, 128)
+    ql, ml = decoder_linears(q), decoder_linears(model)
+    assert all(not torch.equal(ql[k].weight, ml[k].weight) for k in ql)
+    assert torch.equal(q.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(q.model.visual.merger.mlp[0].weight, model.model.visual.merger.mlp[0].weight)
+    _, kl_q = ev.nll_kl(ev.answer_logprobs(q, processor, rows, batch_size=4), lp)
+    assert ev.mean(kl_q) > 0
