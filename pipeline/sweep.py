@@ -1,9 +1,10 @@
 """The sweep flow: a grid of quantize → evaluate branches on Prefect's task runner.
 
 ``params.yaml``'s ``sweep`` section lists the grid (methods × bits × importance sources × group
-sizes). Every branch quantizes the model into ``data/sweep/<run>/`` (its own state, importance
-Parquet and report json) and evaluates it; the results land in one table,
-``reports/sweep.csv``. With ``sweep.engine: dask`` (``prefect-dask``) the same branches fan out
+sizes). Every branch quantizes the model into ``data/sweep/<run>/`` (its own state and importance
+Parquet) and evaluates it into ``reports/sweep/eval/<run>/``; the results land in one table,
+``reports/sweep/sweep.csv``, and the report of all branches in ``reports/sweep/`` (summary.md,
+metrics.json, plots). With ``sweep.engine: dask`` (``prefect-dask``) the same branches fan out
 over a Dask cluster: a local one with ``sweep.workers`` worker processes by default, or an existing
 cluster given by ``sweep.dask_address`` — users outgrowing one machine use Dask's own cluster
 tooling, no home-made scheduler.
@@ -22,6 +23,7 @@ from pathlib import Path
 from prefect import flow, task
 
 SWEEP_ROOT = Path("data/sweep")
+SWEEP_REPORTS = Path("reports/sweep")
 
 
 def expand_grid(params) -> list[dict]:
@@ -45,8 +47,9 @@ def expand_grid(params) -> list[dict]:
     return out
 
 
-def run_branch(cfg: dict, root: str, evaluate: bool = True) -> dict:
-    """One branch: quantize into ``root/<run>/`` (resumable), then evaluate (if available)."""
+def run_branch(cfg: dict, root: str, evaluate: bool = True, reports: str = str(SWEEP_REPORTS)) -> dict:
+    """One branch: quantize into ``root/<run>/`` (resumable), then evaluate into
+    ``reports/eval/<run>/`` (summary json in ``reports/quantize/``)."""
     from stages.params import parse_params, run_name
     from stages.quantize import QuantizeRun
 
@@ -54,7 +57,8 @@ def run_branch(cfg: dict, root: str, evaluate: bool = True) -> dict:
     name = run_name(params)
     d = Path(root) / name
     t0 = time.perf_counter()
-    run = QuantizeRun(params, state_dir=d / "quantize", importance_dir=d / "importance", report_dir=d)
+    run = QuantizeRun(params, state_dir=d / "quantize", importance_dir=d / "importance",
+                      report_dir=Path(reports) / "quantize")
     for l in run.todo():
         run.step(l)
     summary = run.finish(time.perf_counter() - t0)
@@ -65,7 +69,8 @@ def run_branch(cfg: dict, root: str, evaluate: bool = True) -> dict:
     if evaluate:
         from stages.evaluate import evaluate_run  # lmms-eval based evaluation of the branch
 
-        row.update(evaluate_run(params, state_dir=d / "quantize", run=name))
+        res = evaluate_run(params, state_dir=d / "quantize", run=name, out_dir=Path(reports) / "eval")
+        row.update({k: res[k] for k in ("accuracy", "answer_nll", "kl_to_fp") if k in res})
     return row
 
 
@@ -84,8 +89,10 @@ def _task_runner(params):
 
 
 def sweep(params_path: str | Path | None = None, root: str | Path = SWEEP_ROOT, evaluate: bool = True,
-          out_csv: str | Path = "reports/sweep.csv") -> list[dict]:
-    """Build the flow with the configured task runner and run it."""
+          reports: str | Path = SWEEP_REPORTS) -> list[dict]:
+    """Build the flow with the configured task runner and run it; with ``evaluate``, the FP
+    model is evaluated once and ``reports/sweep/`` gets the report of all branches
+    (``metrics.json``, ``summary.md``, plots) besides ``sweep.csv``."""
     import pandas as pd
 
     from stages.common import atomic_path
@@ -97,13 +104,21 @@ def sweep(params_path: str | Path | None = None, root: str | Path = SWEEP_ROOT, 
     @flow(name="sweep", task_runner=_task_runner(params), log_prints=True, validate_parameters=False)
     def sweep_flow() -> list[dict]:
         branch = task(run_branch, name="branch")
-        futures = [branch.with_options(task_run_name=f"branch-{i}").submit(cfg, str(root), evaluate)
+        futures = [branch.with_options(task_run_name=f"branch-{i}").submit(cfg, str(root), evaluate, str(reports))
                    for i, cfg in enumerate(configs)]
+        if evaluate:
+            from stages.evaluate import evaluate as evaluate_stage
+
+            task(evaluate_stage, name="evaluate-fp")(params_path, out_dir=Path(reports) / "eval", runs=("fp",))
         return [f.result() for f in futures]
 
     rows = sweep_flow()
-    with atomic_path(out_csv) as tmp:
+    with atomic_path(Path(reports) / "sweep.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
+    if evaluate:
+        from stages.report import report
+
+        report(Path(reports) / "eval", Path(reports) / "quantize", Path(reports), importance_dir=Path(root) / "none")
     return rows
 
 

@@ -28,9 +28,10 @@ def test_dask_sweep_runs_branches_in_parallel_workers(tmp_path, monkeypatch, tin
     p.write_text(yaml.safe_dump(params))
     prepare_calib(p)
     cache_fp(p)
-    rows = sweep(p, root=tmp_path / "sweep", evaluate=False, out_csv=tmp_path / "sweep.csv")
+    rows = sweep(p, root=tmp_path / "sweep", evaluate=False, reports=tmp_path / "reports")
     assert sorted(r["run"] for r in rows) == ["gptq-w3g64", "rtn-w3g64"]
     assert len({r["worker_pid"] for r in rows}) == 2 and os.getpid() not in {r["worker_pid"] for r in rows}
     for r in rows:
         assert (tmp_path / "sweep" / r["run"] / "quantize" / "summary.json").is_file()
-    assert (tmp_path / "sweep.csv").read_text().count("\n") == 3
+    assert (tmp_path / "reports" / "sweep.csv").read_text().count("\n") == 3
+    assert (tmp_path / "reports" / "quantize" / "rtn-w3g64.json").is_file()
