@@ -32,9 +32,13 @@ def get_logger(name: str) -> logging.Logger:
             return get_run_logger()  # type: ignore[return-value]
     except Exception:  # prefect missing or no active run
         pass
-    logger = logging.getLogger(name)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger = logging.getLogger(f"vlmq.stages.{name}")
+    if not logger.handlers:  # stages always report at INFO, whatever the root logger's config
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     return logger
 
 

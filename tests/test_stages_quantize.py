@@ -118,3 +118,32 @@ def test_missing_cache_file_names_layer_and_file(workdir, tiny_vlm):
 
     with pytest.raises(FileNotFoundError, match=r"layer 3: .*layer_003\.safetensors"):
         load_layer(workdir / "data/cache", 3)
+
+
+def test_prepare_calib_skips_corrupt_and_overlong_samples(workdir, tiny_vlm, capfd):
+    from stages.prepare_calib import prepare_calib
+
+    df = pd.read_parquet(tiny_vlm["calib"])
+    df.at[0, "image"] = {"bytes": b"\x89PNG not really", "path": None}
+    df.to_parquet(workdir / "calib_bad.parquet")
+    p = write_params(workdir / "params.yaml", tiny_vlm, method="rtn")
+    cfg = yaml.safe_load(p.read_text())
+    cfg["calib"].update(source=str(workdir / "calib_bad.parquet"), n_samples=len(df))
+    p.write_text(yaml.safe_dump(cfg))
+    s = prepare_calib(p)
+    assert s["skipped"]["corrupt_image"] == 1 and s["n_samples"] == len(df) - 1
+    err = capfd.readouterr().err
+    assert "row 0 skipped: corrupt image" in err and "'corrupt_image': 1" in err
+    # a max length that would cut the vision segment drops the sample (never crashes)
+    cfg["calib"]["max_length"] = 12
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(RuntimeError, match="no usable calibration sample"):
+        prepare_calib(p)
+    # a max length that only cuts the answer tail truncates the text and keeps the sample
+    n_vision = int(pd.read_parquet("data/calib/calib.parquet")["n_vision"].iloc[0])
+    cfg["calib"]["max_length"] = n_vision + 8
+    p.write_text(yaml.safe_dump(cfg))
+    s = prepare_calib(p)
+    out = pd.read_parquet("data/calib/calib.parquet")
+    assert s["skipped"]["vision_truncated"] == 0 and out["truncated"].any()
+    assert (out["n_tokens"] <= n_vision + 8).all() and (out["n_vision"] == n_vision).all()
