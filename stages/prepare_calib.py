@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 from stages.common import get_logger, stage_timer, write_json, write_parquet
 from stages.params import CalibParams, load_params
@@ -85,9 +86,11 @@ def prepare_calib(params_path: str | Path | None = None, out_dir: str | Path = O
         order = list(range(len(df)))
         random.Random(cfg.seed).shuffle(order)
         rows, skipped = [], {"corrupt_image": 0, "vision_truncated": 0}
+        bar = tqdm(total=cfg.n_samples, desc="prepare_calib samples", unit="sample")
         for idx in order:
             if len(rows) == cfg.n_samples:
                 break
+            bar.update(len(rows) - bar.n)
             r = df.iloc[idx]
             try:
                 raw = image_bytes(r[cfg.image_column])
@@ -125,6 +128,8 @@ def prepare_calib(params_path: str | Path | None = None, out_dir: str | Path = O
                 "n_vision": int((mod == 1).sum()),
                 "truncated": truncated,
             })
+        bar.update(len(rows) - bar.n)
+        bar.close()
         if not rows:
             raise RuntimeError(f"prepare_calib: no usable calibration sample in {cfg.source} (skipped: {skipped})")
         if len(rows) < cfg.n_samples:
