@@ -186,6 +186,7 @@ def plot_all(runs: list[dict], imp: pd.DataFrame, cache_dir: Path, out: Path) ->
             s = part.groupby("layer")["g"].mean()
             ax.plot(s.index, s.values, marker="o", label=str(seg))
         ax.set_yscale("log")
+        ax.set_xticks(sorted(imp["layer"].unique()))
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("mean importance g (log)")
         ax.set_title("Token importance g by segment per layer")

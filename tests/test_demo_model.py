@@ -52,7 +52,7 @@ def _img(r: dict) -> Image.Image:
 
 
 def test_processor_round_trip_offline(processor, data, tmp_path, monkeypatch):
-    from vlmq.demo.compat import load_processor
+    from vlmq.models.processor import load_processor
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     processor.save_pretrained(tmp_path)

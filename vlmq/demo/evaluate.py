@@ -39,7 +39,7 @@ def load_demo_model(model_dir: str):
     """(model, processor) from a saved directory, float32, eval mode, offline."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from vlmq.demo.compat import load_processor
+    from vlmq.models.processor import load_processor
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     model.eval()
@@ -131,6 +131,11 @@ def nll_kl(lp: Sequence[tuple[torch.Tensor, torch.Tensor]],
     return nll, kl
 
 
+def teacher_forced_correct(lp: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
+    """1 where the argmax at every answer position is the reference token (greedy would match)."""
+    return [int(bool((l.argmax(-1) == t).all())) for l, t in lp]
+
+
 def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -161,4 +166,4 @@ def evaluate(model, processor, rows: Sequence[dict], ref_lp=None, batch_size: in
     lp = answer_logprobs(model, processor, rows, batch_size)
     nll, kl = nll_kl(lp, ref_lp)
     return {"accuracy": exact_match(preds, rows), "preds": preds, "correct": correct_vector(preds, rows),
-            "nll": nll, "kl": kl, "logprobs": lp}
+            "tf_correct": teacher_forced_correct(lp), "nll": nll, "kl": kl, "logprobs": lp}
