@@ -74,7 +74,8 @@ def main() -> None:
     prev = None
     for name, r in results.items():
         acc = {s: r["accuracy"][s]["acc"] for s in skills}
-        entry = {"accuracy": acc, "nll": ev.mean(r["nll"]), "nll_se_vs_fp": ev.paired_se(fp["nll"], r["nll"])}
+        entry = {"accuracy": acc, "teacher_forced_exact": ev.mean(r["tf_correct"]), "nll": ev.mean(r["nll"]),
+                 "nll_se_vs_fp": ev.paired_se(fp["nll"], r["nll"])}
         if r["kl"] is not None:
             entry["kl"] = ev.mean(r["kl"])
             entry["kl_se"] = ev.paired_se([0.0] * len(r["kl"]), r["kl"])
@@ -85,7 +86,8 @@ def main() -> None:
             prev = name
         report["models"][name] = entry
         kl = f"{entry.get('kl', 0.0):8.4f} {entry.get('kl_se', 0.0):7.4f}"
-        print(f"{name:6} " + " ".join(f"{100 * acc[s]:9.1f}" for s in skills) + f" {entry['nll']:8.4f} {kl}")
+        print(f"{name:6} " + " ".join(f"{100 * acc[s]:9.1f}" for s in skills) + f" {entry['nll']:8.4f} {kl}"
+              f"  (teacher-forced exact {100 * entry['teacher_forced_exact']:.1f})")
     for name, e in report["models"].items():
         if "kl_step_vs_prev" in e:
             print(f"KL step to {name}: {e['kl_step_vs_prev']:.4f} +- {e['kl_step_se']:.4f} "

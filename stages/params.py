@@ -123,21 +123,21 @@ class DemoTrainParams(_Strict):
     """CPU training of the demo model (``stages.demo_model``)."""
 
     seed: int = 0
-    threads: int = Field(2, ge=1)              # fixed torch thread count (determinism)
-    steps: int = Field(1300, ge=1)
+    threads: int = Field(1, ge=1)              # fixed torch thread count (determinism)
+    steps: int = Field(2800, ge=1)
     batch_size: int = Field(12, ge=1)
     lr: float = Field(2e-3, gt=0.0)
     warmup: int = Field(60, ge=0)
     min_lr_frac: float = Field(0.05, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    max_turns: int = Field(5, ge=1)            # questions about one image per training sequence
+    max_turns: int = Field(1, ge=1)            # questions about one image per training sequence
     aux_weight: float = Field(0.5, ge=0.0)     # weight of the training-only per-token heads
     aux_layer: int = Field(2, ge=1)            # LM hidden state probed by the auxiliary heads
     qk_init_std: float = Field(0.05, ge=0.0)   # 0 = keep the default init of q/k projections
     grad_clip: float = Field(1.0, gt=0.0)
     log_every: int = Field(100, ge=1)
     holdout: int = Field(40, ge=0)             # train images held out to monitor accuracy
-    curriculum_steps: int = Field(350, ge=0)   # first steps: scenes with 1 -> max shapes
+    curriculum_steps: int = Field(500, ge=0)   # first steps: scenes with 1 -> max shapes
     save_every: int = Field(200, ge=0)         # monitoring checkpoint <out_dir>/model.ckpt (0 = none)
 
 

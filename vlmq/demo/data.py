@@ -154,6 +154,50 @@ def caption(scene: Scene, rng: random.Random) -> QA:
     return rng.choice(CAPTION_INSTRUCTIONS), cap
 
 
+def _refs_single(scene: Scene, q: str) -> dict[tuple[int, int], int] | None:
+    import re
+
+    objs = scene.objects
+    cells = lambda sel: {(o.row, o.col): 1 for o in objs if sel(o)}  # noqa: E731
+    if m := re.fullmatch(r"What (?:color is|is the color of) the (\w+)\?", q):
+        return cells(lambda o: o.shape == m[1])
+    if q == "How many shapes are there?":
+        return cells(lambda o: True)
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", q):
+        return cells(lambda o: o.color == m[1])
+    if m := re.fullmatch(r"How many (\w+)s are there\?", q):
+        return cells(lambda o: o.shape == m[1])
+    if m := re.fullmatch(r"Is the (\w+ \w+) (?:left or right of|above or below) the (\w+ \w+)\?", q):
+        out = {(o.row, o.col): 1 for o in objs if o.name == m[1]}
+        out.update({(o.row, o.col): 2 for o in objs if o.name == m[2]})
+        return out
+    if q in ("What does the text say?", "Read the text in the image."):
+        return {(scene.code_row, scene.code_col + i): 1 for i in range(len(scene.code))}
+    return None
+
+
+def referenced_cells(scene: Scene, question: str) -> list[int]:
+    """Per cell (row-major): 1 (2) where the question refers to the first (second) named thing.
+
+    A training-only target: with the question before the image, an image token can tell whether
+    it is what the question asks about. MCQ: the sub-question's cells, or for "Which of these
+    objects is in the image?" the cell of the option that is present.
+    """
+    q = question
+    if q.startswith("Question: "):
+        sub, opts = q.split("\n")[0].removeprefix("Question: "), q.split("\n")[1]
+        if sub == "Which of these objects is in the image?":
+            refs = {(o.row, o.col): 1 for o in scene.objects if f". {o.name}" in opts}
+        else:
+            refs = _refs_single(scene, sub) or {}
+    else:
+        refs = _refs_single(scene, q) or {}
+    out = [0] * (scene.grid * scene.grid)
+    for (r, c), v in refs.items():
+        out[r * scene.grid + c] = v
+    return out
+
+
 def png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=6)

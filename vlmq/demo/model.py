@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlmq.demo.data import referenced_cells
 from vlmq.demo.render import CODE_ALPHABET, COLORS, SHAPES, SIZES, Scene
 
 MAX_COUNT = 7  # count classes 0..6
@@ -83,6 +84,7 @@ class AuxHeads(nn.Module):
         self.lm = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in lm_sizes.items()})
         self.n_counts = 1 + len(COLORS) + len(SHAPES)
         self.count = nn.Linear(hidden, self.n_counts * MAX_COUNT)
+        self.ref = nn.Linear(hidden, 3)  # image token is (none / first / second) thing asked about
 
 
 def scene_targets(scene: Scene) -> dict[str, torch.Tensor]:
@@ -107,7 +109,7 @@ class Encoded:
 class ConversationEncoder:
     """Token ids + labels of (multi-turn) conversations about one image, the chat template's way.
 
-    Turn 1: ``<|im_start|>user\\n<|vision_start|><|image_pad|>*n<|vision_end|>{q}<|im_end|>\\n``
+    Turn 1: ``<|im_start|>user\\n{q}<|vision_start|><|image_pad|>*n<|vision_end|><|im_end|>\\n``
     ``<|im_start|>assistant\\n{a}<|im_end|>\\n``; later turns repeat the user/assistant pattern
     without the image. Labels cover answer tokens and the closing ``<|im_end|>`` only.
     """
@@ -115,8 +117,7 @@ class ConversationEncoder:
     def __init__(self, tokenizer, n_image_tokens: int):
         self.tok = tokenizer
         self.cache: dict[str, list[int]] = {}
-        self.image_prefix = self._enc("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n_image_tokens +
-                                      "<|vision_end|>")
+        self.image = self._enc("<|vision_start|>" + "<|image_pad|>" * n_image_tokens + "<|vision_end|>")
         self.user = self._enc("<|im_start|>user\n")
         self.to_assistant = self._enc("<|im_end|>\n<|im_start|>assistant\n")
         self.im_end = self._enc("<|im_end|>")
@@ -128,10 +129,10 @@ class ConversationEncoder:
         return self.cache[s]
 
     def encode(self, turns: Sequence[tuple[str, str]]) -> Encoded:
-        ids: list[int] = list(self.image_prefix)
-        labels: list[int] = [-100] * len(ids)
+        ids: list[int] = []
+        labels: list[int] = []
         for k, (q, a) in enumerate(turns):
-            head = (self.user if k else []) + self._enc(q) + self.to_assistant
+            head = self.user + self._enc(q) + (self.image if k == 0 else []) + self.to_assistant
             ans = self._enc(a) + self.im_end
             ids += head + ans + self.newline
             labels += [-100] * len(head) + ans + [-100] * len(self.newline)
@@ -222,7 +223,10 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             rng.shuffle(turns)
             turns = turns[: rng.randint(1, min(cfg.max_turns, len(turns)))]
             encs.append(enc.encode(turns))
-            tgts.append(scene_targets(Scene.from_dict(json.loads(r["scene"]))))
+            scene = Scene.from_dict(json.loads(r["scene"]))
+            tg = scene_targets(scene)
+            tg["ref"] = torch.tensor(referenced_cells(scene, turns[0][0]))
+            tgts.append(tg)
         L = max(len(e.ids) for e in encs)
         ids = torch.full((len(encs), L), pad_id)
         lab = torch.full((len(encs), L), -100)
@@ -268,6 +272,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
         hv = h[ids == vend_id]
         cnt = aux.count(hv).reshape(B, aux.n_counts, MAX_COUNT)
         aux_loss = aux_loss + F.cross_entropy(cnt.flatten(0, 1), tg["counts"].flatten()) * 3
+        aux_loss = aux_loss + F.cross_entropy(aux.ref(hi).flatten(0, 1), tg["ref"].flatten()) * 3
         loss = ce + cfg.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
