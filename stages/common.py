@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,14 @@ for _k, _v in OFFLINE_ENV.items():
     os.environ.setdefault(_k, _v)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the *current* ``sys.stderr`` (which test harnesses and notebooks replace)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def get_logger(name: str) -> logging.Logger:
     """Prefect's run logger inside a flow/task run, the standard logger elsewhere."""
     try:
@@ -34,7 +43,7 @@ def get_logger(name: str) -> logging.Logger:
         pass
     logger = logging.getLogger(f"vlmq.stages.{name}")
     if not logger.handlers:  # stages always report at INFO, whatever the root logger's config
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

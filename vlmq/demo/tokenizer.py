@@ -25,7 +25,10 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|video_pad|>",
 )
 
-# Qwen2-VL's chat template without the default system turn (kept short so that vision tokens
+# The demo model reads the question before the image: the template renders a turn's text first
+# and its image placeholders after it, whatever the order of the content list, so every caller
+# (lmms-eval's model, prepare_calib, the demo's own evaluation) gets the layout the model was
+# trained with. Otherwise Qwen2-VL's chat template without the default system turn (kept short so that vision tokens
 # dominate a calibration sample, as they do in the paper's VLM inputs); a system message given
 # explicitly is rendered the Qwen way.
 CHAT_TEMPLATE = (
@@ -33,8 +36,9 @@ CHAT_TEMPLATE = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% if content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
