@@ -139,11 +139,14 @@ def test_prepare_calib_skips_corrupt_and_overlong_samples(workdir, tiny_vlm, cap
     p.write_text(yaml.safe_dump(cfg))
     with pytest.raises(RuntimeError, match="no usable calibration sample"):
         prepare_calib(p)
-    # a max length that only cuts the answer tail truncates the text and keeps the sample
-    n_vision = int(pd.read_parquet("data/calib/calib.parquet")["n_vision"].iloc[0])
-    cfg["calib"]["max_length"] = n_vision + 8
+    # a max length that only cuts the text after the vision segment truncates and keeps the sample
+    full = pd.read_parquet("data/calib/calib.parquet")
+    last_vision = max(max(i for i, m in enumerate(mods) if m == 1) for mods in full["modality"])
+    max_len = last_vision + 2
+    assert max_len < full["n_tokens"].min()
+    cfg["calib"]["max_length"] = max_len
     p.write_text(yaml.safe_dump(cfg))
     s = prepare_calib(p)
     out = pd.read_parquet("data/calib/calib.parquet")
-    assert s["skipped"]["vision_truncated"] == 0 and out["truncated"].any()
-    assert (out["n_tokens"] <= n_vision + 8).all() and (out["n_vision"] == n_vision).all()
+    assert s["skipped"]["vision_truncated"] == 0 and out["truncated"].all()
+    assert (out["n_tokens"] == max_len).all() and out["n_vision"].tolist() == full["n_vision"].tolist()
