@@ -9,6 +9,7 @@ block updates, no in-place OBS updates. The blocked solver must match it to 1e-9
 from __future__ import annotations
 
 import logging
+import zlib
 
 import pytest
 import torch
@@ -59,9 +60,12 @@ def oracle(W, X_hat, X=None, g=None, *, bits, group_size, sym, act_order, damp, 
     Q = torch.zeros_like(W)
     DQ = torch.zeros_like(W)
     fixed: list[int] = []
+    oracle.tie_margin = float("inf")  # closest any rounding decision came to a tie (w/s at k + 0.5)
     for j, col in enumerate(order):
         if j % gs == 0:
             s, z = literal_params(cur[:, order[j:j + gs]], bits, sym)
+        x = cur[:, col] / s
+        oracle.tie_margin = min(oracle.tie_margin, float(((x - torch.floor(x)) - 0.5).abs().min()))
         q = torch.clamp(torch.round(cur[:, col] / s) + z, 0, maxq)
         Q[:, col] = q
         DQ[:, col] = s * (q - z)
@@ -124,32 +128,56 @@ CASES = [
     ("gptq", False, -1, False, False, 4),
     ("gptq", True, -1, False, False, 3),
     ("gptq", False, 16, False, False, 4),
-    ("gptq", True, 16, False, True, 2),
+    ("gptq", True, 16, False, False, 2),
     ("gptq", True, 24, True, False, 3),   # partial last group (72 = 3 * 24 ... see in_f below)
     ("gptaq", False, 16, False, False, 4),
     ("gptaq", True, 16, False, False, 2),
     ("gptaq", True, -1, True, False, 3),
-    ("gptaq", True, 20, True, True, 8),   # 20 does not divide 72: partial last group
+    ("gptaq", True, 20, True, False, 8),  # 20 does not divide 72: partial last group
 ]
 
 
 @pytest.mark.parametrize("method,act_order,group_size,weighted,sym,bits", CASES)
 def test_blocked_solver_matches_float64_oracle(method, act_order, group_size, weighted, sym, bits):
-    seed = hash((method, act_order, group_size, weighted, sym, bits)) % 2**31
-    gen = torch.Generator().manual_seed(seed)
-    out_f, in_f, n_tok = 9, 72, 300
-    W = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
-    X = correlated(n_tok, in_f, gen)
-    X_hat = X + 0.2 * torch.randn(n_tok, in_f, generator=gen, dtype=torch.float64)
-    g = torch.rand(n_tok, generator=gen, dtype=torch.float64) * 3 if weighted else None
-    kw = dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=0.01, method=method)
+    # Fresh random inputs per case; a draw where some rounding decision lies within float noise
+    # of a tie (w/s = k + 0.5 to 1e-9) is redrawn: there either integer is correct, and the
+    # comparison would test float rounding instead of the algorithm.
+    seed = zlib.crc32(repr((method, act_order, group_size, weighted, sym, bits)).encode())
+    for attempt in range(10):
+        gen = torch.Generator().manual_seed(seed + attempt)
+        out_f, in_f, n_tok = 9, 72, 300
+        W = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
+        X = correlated(n_tok, in_f, gen)
+        X_hat = X + 0.2 * torch.randn(n_tok, in_f, generator=gen, dtype=torch.float64)
+        g = torch.rand(n_tok, generator=gen, dtype=torch.float64) * 3 if weighted else None
+        kw = dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=0.01, method=method)
+        Q, DQ = oracle(W, X_hat, X, g, **kw)
+        if oracle.tie_margin > 1e-9:
+            break
     # small block size so that several lazy blocks (and group/block alignment) are exercised
     r = quantize_weight(W, X_hat, fp_inputs=X, token_weights=g, block_size=16, **kw)
-    Q, DQ = oracle(W, X_hat, X, g, **kw)
     assert r.dequant.dtype == torch.float64
     assert torch.equal(r.int_weight.double(), Q)
     rel = ((r.dequant - DQ).norm() / DQ.norm()).item()
     assert rel <= 1e-9, rel
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_symmetric_grid_matches_oracle_objective(bits):
+    """The symmetric grid (GPTQ's convention: s = 2 max|w| / maxq, z = 2^(bits-1)) puts the
+    group's extreme weight exactly on a rounding tie (w/s = ±maxq/2), so which integer wins there
+    depends on the last bit of float noise; integers cannot be compared exactly. The objective
+    tr((Ŵ - W*) H (Ŵ - W*)ᵀ) of the blocked solve and the oracle must still agree closely."""
+    gen = torch.Generator().manual_seed(50 + bits)
+    W = torch.randn(9, 72, generator=gen, dtype=torch.float64)
+    X = correlated(300, 72, gen)
+    kw = dict(bits=bits, group_size=24, sym=True, act_order=True, damp=0.01, method="gptq")
+    r = quantize_weight(W, X, block_size=16, **kw)
+    _, DQ = oracle(W, X, **kw)
+    e_solver, e_oracle = out_err(W, r.dequant, X), out_err(W, DQ, X)
+    assert abs(e_solver - e_oracle) <= 0.02 * e_oracle
+    assert (r.int_weight >= 0).all() and (r.int_weight <= 2**bits - 1).all()
+    assert (r.zeros == 2 ** (bits - 1)).all()
 
 
 def test_dead_columns_match_oracle_and_are_zero():
