@@ -124,7 +124,7 @@ class DemoTrainParams(_Strict):
 
     seed: int = 0
     threads: int = Field(1, ge=1)              # fixed torch thread count (determinism)
-    steps: int = Field(2800, ge=1)
+    steps: int = Field(1500, ge=1)
     batch_size: int = Field(12, ge=1)
     lr: float = Field(2e-3, gt=0.0)
     warmup: int = Field(60, ge=0)
@@ -137,7 +137,7 @@ class DemoTrainParams(_Strict):
     grad_clip: float = Field(1.0, gt=0.0)
     log_every: int = Field(100, ge=1)
     holdout: int = Field(40, ge=0)             # train images held out to monitor accuracy
-    curriculum_steps: int = Field(500, ge=0)   # first steps: scenes with 1 -> max shapes
+    curriculum_steps: int = Field(350, ge=0)   # first steps: scenes with 1 -> max shapes
     save_every: int = Field(200, ge=0)         # monitoring checkpoint <out_dir>/model.ckpt (0 = none)
 
 

@@ -263,17 +263,25 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
         # auxiliary losses
         B = ids.shape[0]
-        vis = merger_out["x"].reshape(B, n_img_tok, hidden)
+        # The probes see layer-normalised features: probing raw activations lets the auxiliary
+        # losses inflate their scale (merger outputs ~100x the text embeddings), which drowns
+        # the image information in the residual stream and leaves the answers image-blind.
+        vis_raw = merger_out["x"].reshape(B, n_img_tok, hidden)
+        vis = F.layer_norm(vis_raw, (hidden,))
         aux_loss = sum(F.cross_entropy(aux.vis[k](vis).flatten(0, 1), tg[k].flatten()) for k in aux.vis)
         h = out.hidden_states[cfg.aux_layer]
         img_mask = ids == img_id
-        hi = h[img_mask].reshape(B, n_img_tok, hidden)
+        hi = F.layer_norm(h[img_mask].reshape(B, n_img_tok, hidden), (hidden,))
         aux_loss = aux_loss + sum(F.cross_entropy(aux.lm[k](hi).flatten(0, 1), tg[k].flatten()) for k in aux.lm)
-        hv = h[ids == vend_id]
+        hv = F.layer_norm(h[ids == vend_id], (hidden,))
         cnt = aux.count(hv).reshape(B, aux.n_counts, MAX_COUNT)
         aux_loss = aux_loss + F.cross_entropy(cnt.flatten(0, 1), tg["counts"].flatten()) * 3
         aux_loss = aux_loss + F.cross_entropy(aux.ref(hi).flatten(0, 1), tg["ref"].flatten()) * 3
-        loss = ce + cfg.aux_weight * aux_loss
+        # Keep image embeddings on the text-embedding scale (RMS <= 0.1 per dimension): left free,
+        # the merger output grows ~100x (probes at image tokens favour a loud, unmixed input),
+        # drowning the question tokens in the residual stream and stalling the answer loss.
+        scale_penalty = 10.0 * F.relu(vis_raw.pow(2).mean() - 1e-2)
+        loss = ce + cfg.aux_weight * aux_loss + scale_penalty
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
