@@ -82,6 +82,30 @@ class QuantParams(_Strict):
         return v
 
 
+class PackParams(_Strict):
+    """Packing the quantize run into a GPTQ-layout checkpoint (``stages.pack``)."""
+
+    out_dir: str = "data/packed"
+    checkpoint_format: Literal["auto", "gptq", "gptq_v2"] = "auto"  # auto: v1 unless a zero point is 0
+
+
+class LatencyParams(_Strict):
+    """Kernel-backed latency benchmark (``stages.latency`` / ``benchmarks/latency.py``)."""
+
+    shapes: list[tuple[int, int]] = [(3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584)]  # (in, out)
+    bits: list[Literal[2, 3, 4, 8]] = [4, 3, 2]
+    group_size: int = 128
+    batches: list[int] = [1, 16]
+    dense_dtypes: list[Literal["float32", "bfloat16", "float16"]] = ["float32", "bfloat16"]
+    backends: list[Literal["aten_int4", "dequant", "reference"]] = ["aten_int4", "dequant"]
+    runs: int = Field(20, ge=3)
+    warmup: int = Field(3, ge=0)
+    threads: int | None = None     # torch threads (null = torch's default)
+    decode_tokens: int = Field(32, ge=1)   # end-to-end greedy decode of the model, tokens per run
+    decode_runs: int = Field(5, ge=1)
+    out: str = "reports/latency.json"
+
+
 class DemoDataParams(_Strict):
     """The rendered visual-QA dataset of the embedded demo model (``stages.demo_data``)."""
 
@@ -123,7 +147,7 @@ class DemoTrainParams(_Strict):
     """CPU training of the demo model (``stages.demo_model``)."""
 
     seed: int = 0
-    threads: int = Field(1, ge=1)              # fixed torch thread count (determinism)
+    threads: int = Field(2, ge=1)              # fixed torch thread count (determinism)
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(12, ge=1)
     lr: float = Field(2e-3, gt=0.0)
@@ -139,6 +163,9 @@ class DemoTrainParams(_Strict):
     holdout: int = Field(40, ge=0)             # train images held out to monitor accuracy
     curriculum_steps: int = Field(350, ge=0)   # first steps: scenes with 1 -> max shapes
     save_every: int = Field(200, ge=0)         # monitoring checkpoint <out_dir>/model.ckpt (0 = none)
+    attn_weight: float = Field(1.0, ge=0.0)    # supervision of 2 heads' attention at answer tokens (0 = off)
+    attn_layer: int = Field(2, ge=0)           # decoder layer whose heads 0/1 are supervised
+    vision_warmup_steps: int = Field(300, ge=0)  # vision tower + merger alone on the per-cell probes first
 
 
 class DemoParams(_Strict):
@@ -214,6 +241,8 @@ class Params(_Strict):
     calib: CalibParams = CalibParams()
     cache: CacheParams = CacheParams()
     quant: QuantParams = QuantParams()
+    pack: PackParams = PackParams()
+    latency: LatencyParams = LatencyParams()
     demo: DemoParams = DemoParams()
     importance: ImportanceParams = ImportanceParams()
     sweep: SweepParams = SweepParams()

@@ -244,6 +244,46 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def latency_tables(latency_file: Path, pack_file: Path) -> str:
+    """Markdown tables of ``reports/latency.json`` (and the packed checkpoint's size); empty if absent."""
+    md = ""
+    if pack_file.is_file():
+        p = read_json(pack_file)
+        md += (f"\n## Packed checkpoint ({p['run']}, `{p['out_dir']}`, format {p['checkpoint_format']})\n\n"
+               f"Weights on disk: {p['packed_weights_bytes'] / 1e6:.2f} MB packed vs {p['fp_weights_bytes'] / 1e6:.2f} MB FP "
+               f"(vision tower, embeddings and lm_head stay FP).\n")
+    if not latency_file.is_file():
+        return md
+    lat = read_json(latency_file)
+    for key in ("machine", "results"):
+        if key not in lat:
+            raise ReportError(f"report: {latency_file} lacks '{key}'")
+    m = lat["machine"]
+    md += (f"\n## Latency (paper Table 11 shapes; {m.get('cpu')}, {m.get('torch_threads')} threads, "
+           f"memory bandwidth {m.get('memory_bandwidth_gbs')} GB/s)\n\n")
+    md += "Median of the timed runs [p10, p90]; floor = bytes read / measured bandwidth; speed-up vs the fastest dense FP path of the same shape and batch.\n\n"
+    md += "| shape (in, out) | batch | weights | backend | median ms [p10, p90] | floor ms | speed-up |\n|---|---|---|---|---|---|---|\n"
+    res = lat["results"]
+    best_dense: dict[tuple, float] = {}
+    for r in res:
+        if r["backend"] == "dense":
+            k = (tuple(r["shape"]), r["batch"])
+            best_dense[k] = min(best_dense.get(k, math.inf), r["median_ms"])
+    for r in res:
+        w = r["dtype_or_bits"] if r["backend"] == "dense" else f"W{r['dtype_or_bits']}g{r['group_size']}"
+        sp = best_dense[(tuple(r["shape"]), r["batch"])] / r["median_ms"]
+        md += (f"| ({r['shape'][0]}, {r['shape'][1]}) | {r['batch']} | {w} | {r['backend']} | "
+               f"{r['median_ms']:.3f} [{r['p10_ms']:.3f}, {r['p90_ms']:.3f}] | {r['floor_ms']:.3f} | {sp:.2f}x |\n")
+    if lat.get("decode"):
+        md += "\n### End-to-end decode (batch 1, greedy), size on disk and resident tensor memory\n\n"
+        md += "| weights | backend | tokens/s | disk MB | resident MB |\n|---|---|---|---|---|\n"
+        for r in lat["decode"]:
+            w = r["dtype_or_bits"] if r["backend"] == "dense" else f"W{r['dtype_or_bits']}"
+            md += (f"| {w} | {r['backend']} | {r['tokens_per_s']:.1f} | {r['disk_bytes'] / 1e6:.2f} | "
+                   f"{r['resident_bytes'] / 1e6:.2f} |\n")
+    return md
+
+
 def report(eval_dir: str | Path = EVAL, quant_dir: str | Path = QUANT, out_dir: str | Path = OUT,
            importance_dir: str | Path = IMPORTANCE, cache_dir: str | Path = CACHE) -> dict:
     eval_dir, quant_dir, out_dir = Path(eval_dir), Path(quant_dir), Path(out_dir)
@@ -259,6 +299,7 @@ def report(eval_dir: str | Path = EVAL, quant_dir: str | Path = QUANT, out_dir: 
             for layer, r in piv.iterrows():
                 t, v = r.get("text", float("nan")), r.get("vision", float("nan"))
                 md += f"| {layer} | {t:.4g} | {v:.4g} | {v / t:.3g} |\n"
+        md += latency_tables(out_dir / "latency.json", out_dir / "pack.json")
         metrics = {"runs": [{k: r[k] for k in ("method", "bits", "group_size", "precursor", "importance",
                                                "accuracy", "per_task", "answer_nll", "kl_to_fp",
                                                "quantize_seconds", "peak_rss_mb")} | {"run": r["run"]}

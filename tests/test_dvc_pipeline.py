@@ -35,7 +35,7 @@ def ran(output: str) -> list[str]:
 def test_dvc_repro_tiny_chain(tmp_path, tiny_vlm):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for item in ("dvc.yaml", "stages", "pipeline", "vlmq"):
+    for item in ("dvc.yaml", "stages", "pipeline", "vlmq", "benchmarks"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item,
                                                             **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
@@ -46,6 +46,7 @@ def test_dvc_repro_tiny_chain(tmp_path, tiny_vlm):
     params["cache"]["dtype"] = "float32"
     params["quant"].update(method="vlmq", bits=3, group_size=64)
     params["eval"].update(limit=4, max_new_tokens=4)
+    params["latency"].update(shapes=[[256, 128]], batches=[1], runs=3, warmup=1, decode_tokens=2, decode_runs=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "VLMQ_NO_PREFECT": "1", "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1",
            "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -60,11 +61,14 @@ def test_dvc_repro_tiny_chain(tmp_path, tiny_vlm):
     sh(["git", "commit", "-qm", "tiny"], repo, env)
 
     first = sh(dvc + ["repro"], repo, env)
-    assert set(ran(first)) == {"demo_data", "prepare_calib", "cache_fp", "quantize", "evaluate", "report"}, first[-3000:]
+    assert set(ran(first)) == {"demo_data", "prepare_calib", "cache_fp", "quantize", "pack", "latency", "evaluate",
+                               "report"}, first[-3000:]
     for f in ("reports/metrics.json", "reports/summary.md", "data/importance/layer_000.parquet",
-              "reports/eval/fp/result.json", "reports/eval/vlmq-w3g64/per_question.parquet"):
+              "reports/eval/fp/result.json", "reports/eval/vlmq-w3g64/per_question.parquet",
+              "data/packed/model.safetensors", "data/packed/vlmq_manifest.json", "reports/latency.json"):
         assert (repo / f).is_file(), f
     assert "up to date" in sh(dvc + ["status"], repo, env)
+    assert "## Latency" in (repo / "reports/summary.md").read_text()
 
     second = sh(dvc + ["repro"], repo, env)
     assert ran(second) == [], second[-2000:]

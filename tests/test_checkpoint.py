@@ -1,0 +1,228 @@
+"""Packed GPTQ checkpoints: QuantLinear backends, write/load round trip, tamper and mismatch errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmq.checkpoint import MANIFEST, CheckpointError, load_packed, write_packed
+from vlmq.pack import pack_linear
+from vlmq.qlinear import QuantLinear, available_backends
+from vlmq.quant import dequantize, group_index, rtn
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_quant_linear_backends_match_float64_dequantized_matmul(bits, act_order):
+    g = torch.Generator().manual_seed(zlib.crc32(f"ql{bits}{act_order}".encode()))
+    out_f, in_f, gs = 96, 256, 64  # 96 outputs: one full 64-column kernel tile and a tail
+    W = torch.randn(out_f, in_f, generator=g)
+    q, s, z, g_idx = rtn(W, bits, gs)
+    if act_order:
+        g_idx = group_index(in_f, gs, torch.randperm(in_f, generator=g))
+    fmt = "gptq" if bool((z > 0).all()) else "gptq_v2"
+    t = pack_linear(q, s, z, g_idx, bits, fmt)
+    bias = torch.randn(out_f, generator=g)
+    ql = QuantLinear(in_f, out_f, bits, gs, True, fmt)
+    ql.load_state_dict({**t, "bias": bias})
+    # independent float64 reference: the definition W = (q - z) s with the stored fp16 scales
+    Wd = dequantize(q.double(), t["scales"].T.double(), z.double(), g_idx)
+    x = torch.randn(2, 7, in_f, generator=g)
+    ref = x.double() @ Wd.T + bias.double()
+    for backend in available_backends(bits):
+        ql.prepare(backend)
+        y = ql(x)
+        assert y.shape == (2, 7, out_f) and y.dtype == x.dtype
+        # aten_int4 runs bf16 activations/scales (8 mantissa bits): its tolerance is bf16's
+        tol = 1e-2 if backend == "aten_int4" else 1e-5
+        assert _rel(y, ref) < tol, (backend, _rel(y, ref))
+    assert ("aten_int4" in available_backends(bits)) == (bits == 4)
+    assert "cpu_fused" in available_backends(bits)  # g++ and ninja are install requirements here
+
+
+def test_unknown_backend_and_wrong_bits_backend_fail():
+    ql = QuantLinear(128, 32, 3, 64, False)
+    with pytest.raises(ValueError, match="backend='fast'"):
+        ql.prepare("fast")
+    with pytest.raises(ValueError, match="cannot run 3-bit"):
+        ql.prepare("aten_int4")
+    odd = QuantLinear(128, 32, 4, 48, False)  # groups of 48: not a multiple of 32
+    odd.g_idx.copy_(torch.arange(128) // 48)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        odd.prepare("cpu_fused")
+
+
+def _solved_rtn(model, adapter, bits, gs, act_order):
+    """Per-layer solved tensors in the quantize stage's layout (RTN; random act_order perms)."""
+    solved = []
+    g = torch.Generator().manual_seed(7)
+    for layer in adapter.decoder_layers(model):
+        t = {}
+        for name, lin in adapter.linears(layer).items():
+            W = lin.weight.detach()
+            q, s, z, g_idx = rtn(W, bits, gs)
+            if act_order:
+                perm = torch.randperm(W.shape[1], generator=g)
+                g_idx = group_index(W.shape[1], gs, perm)
+                # re-quantize so every column uses the scales of its (permuted) group
+                s2, z2 = s.clone(), z.clone()
+                W_perm = W[:, perm]
+                q_p, s2, z2, _ = rtn(W_perm, bits, gs)
+                q = torch.empty_like(q_p)
+                q[:, perm] = q_p
+                s, z = s2, z2
+            t.update({f"{name}.int_weight": q.to(torch.uint8), f"{name}.scales": s, f"{name}.zeros": z.to(torch.uint8),
+                      f"{name}.g_idx": g_idx})
+        solved.append(t)
+    return solved
+
+
+def _fake_quant(model, adapter, solved):
+    import copy
+
+    fq = copy.deepcopy(model)
+    for layer, t in zip(adapter.decoder_layers(fq), solved):
+        for name in adapter.linear_names:
+            adapter.set_weight(layer, name, dequantize(t[f"{name}.int_weight"], t[f"{name}.scales"].half().float(),
+                                                       t[f"{name}.zeros"], t[f"{name}.g_idx"]))
+    return fq
+
+
+def _inputs(tiny_vlm, processor):
+    from vlmq.demo.data import read_rows
+    from vlmq.demo.tokenizer import user_prompt
+
+    rows = read_rows(tiny_vlm["eval"])[:2]
+    texts = [processor.apply_chat_template(user_prompt(r["question"]), add_generation_prompt=True, tokenize=False)
+             for r in rows]
+    return processor(text=texts, images=[Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows],
+                     padding=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("bits,act_order", [(4, False), (3, True), (2, False), (8, True)])
+def test_pack_load_round_trip_logits(tiny_vlm, tmp_path, bits, act_order):
+    from vlmq.models import load_model
+
+    model, processor, adapter = load_model(tiny_vlm["model"])
+    solved = _solved_rtn(model, adapter, bits, 64, act_order)
+    out = tmp_path / "packed"
+    manifest = write_packed(model, processor, adapter, solved, out, bits=bits, group_size=64, sym=False,
+                            desc_act=act_order, method="rtn")
+    assert (out / "model.safetensors").is_file() and (out / MANIFEST).is_file()
+    assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["desc_act"] == act_order
+    inputs = _inputs(tiny_vlm, processor)
+    with torch.no_grad():
+        ref = _fake_quant(model, adapter, solved)(**inputs).logits
+    for backend in available_backends(bits):
+        loaded, proc2, _ = load_packed(out, backend=backend)
+        assert proc2 is not None
+        # the packed integers are exactly the solver's
+        for l, layer in enumerate(adapter.decoder_layers(loaded)):
+            for name in adapter.linear_names:
+                q, *_ = layer.get_submodule(name).unpacked()
+                assert torch.equal(q, solved[l][f"{name}.int_weight"].to(torch.int32))
+        with torch.no_grad():
+            got = loaded(**inputs).logits
+        tol = 2e-2 if backend == "aten_int4" else 1e-3
+        assert _rel(got, ref) < tol, (backend, _rel(got, ref))
+
+
+def test_tampered_truncated_and_mismatched_checkpoints_fail(tiny_vlm, tmp_path):
+    from vlmq.models import load_model
+
+    model, processor, adapter = load_model(tiny_vlm["model"])
+    out = tmp_path / "packed"
+    write_packed(model, processor, adapter, _solved_rtn(model, adapter, 4, 64, False), out, bits=4, group_size=64,
+                 sym=False, desc_act=False, method="rtn")
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 mismatch"):
+        load_packed(out)
+    weights.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 mismatch.*truncated"):
+        load_packed(out)
+    # bits in config.json disagreeing with the tensors (manifest check off to reach the shape check)
+    write_packed(model, processor, adapter, _solved_rtn(model, adapter, 4, 64, False), out, bits=4, group_size=64,
+                 sym=False, desc_act=False, method="rtn")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 3
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json: sha256 mismatch"):
+        load_packed(out)
+    with pytest.raises(CheckpointError, match=r"bits=3, group_size=64"):
+        load_packed(out, verify=False)
+
+
+def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tmp_path, monkeypatch):
+    """quantize (GPTAQ, act_order) -> pack stage -> load_packed: the solver's integers exactly, logits of
+    the fake-quantized model; then the latency benchmark on small shapes feeds the report's tables."""
+    import os
+
+    import yaml
+
+    from stages.cache_fp import cache_fp
+    from stages.pack import pack
+    from stages.prepare_calib import prepare_calib
+    from stages.quantize import load_fake_quantized_model, quantize
+    from stages.report import latency_tables
+
+    os.environ["VLMQ_NO_PREFECT"] = "1"
+    monkeypatch.chdir(tmp_path)
+    params = {"model": {"path": str(tiny_vlm["model"])},
+              "calib": {"source": str(tiny_vlm["calib"]), "n_samples": 4, "batch_size": 4, "max_length": 64},
+              "cache": {"dtype": "float32"},
+              "quant": {"method": "gptaq", "bits": 4, "group_size": 64, "act_order": True},
+              "latency": {"shapes": [[256, 128]], "bits": [4, 2], "group_size": 64, "batches": [1, 4], "runs": 3,
+                          "warmup": 1, "decode_tokens": 3, "decode_runs": 1,
+                          "backends": ["aten_int4", "dequant", "reference"]}}
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(params))
+    prepare_calib(p)
+    cache_fp(p)
+    quantize(p)
+    out = pack(p)
+    assert out["packed_weights_bytes"] < out["fp_weights_bytes"]
+    fq, processor, adapter, _ = load_fake_quantized_model(tiny_vlm["model"], "data/quantize")
+    # the fake-quantized reference with the fp16 scales the checkpoint stores
+    from safetensors.torch import load_file
+
+    for l, layer in enumerate(adapter.decoder_layers(fq)):
+        t = load_file(f"data/quantize/layer_{l:03d}/solved.safetensors")
+        for name in adapter.linear_names:
+            adapter.set_weight(layer, name, dequantize(t[f"{name}.int_weight"], t[f"{name}.scales"].half().float(),
+                                                       t[f"{name}.zeros"], t[f"{name}.g_idx"]))
+    inputs = _inputs(tiny_vlm, processor)
+    with torch.no_grad():
+        ref = fq(**inputs).logits
+    for backend in ("dequant", "aten_int4"):
+        loaded, _, qc = load_packed("data/packed", backend=backend)
+        assert qc["desc_act"] is True and qc["bits"] == 4
+        with torch.no_grad():
+            got = loaded(**inputs).logits
+        assert _rel(got, ref) < (2e-2 if backend == "aten_int4" else 1e-3), backend
+
+    from benchmarks.latency import run_benchmark
+
+    rep = run_benchmark(p, out=str(tmp_path / "reports" / "latency.json"), log=lambda s: None)
+    kinds = {(r["dtype_or_bits"], r["backend"], r["batch"]) for r in rep["results"]}
+    assert ("float32", "dense", 1) in kinds and (4, "aten_int4", 4) in kinds and (2, "dequant", 1) in kinds
+    assert all(r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["floor_ms"] > 0 for r in rep["results"])
+    assert {r["dtype_or_bits"] for r in rep["decode"]} == {"float32", "bfloat16", 4, 2}
+    w4 = [r for r in rep["decode"] if r["dtype_or_bits"] == 4][0]
+    fp = [r for r in rep["decode"] if r["dtype_or_bits"] == "float32"][0]
+    assert w4["disk_bytes"] < fp["disk_bytes"]
+    md = latency_tables(tmp_path / "reports" / "latency.json", tmp_path / "reports" / "pack.json")
+    assert "| (256, 128) | 1 | W4g64 | aten_int4 |" in md and "End-to-end decode" in md
