@@ -47,9 +47,11 @@ def expand_grid(params) -> list[dict]:
     return out
 
 
-def run_branch(cfg: dict, root: str, evaluate: bool = True, reports: str = str(SWEEP_REPORTS)) -> dict:
+def run_branch(cfg: dict, root: str, evaluate: bool = True, reports: str = str(SWEEP_REPORTS),
+               fp_logprobs=None) -> dict:
     """One branch: quantize into ``root/<run>/`` (resumable), then evaluate into
-    ``reports/eval/<run>/`` (summary json in ``reports/quantize/``)."""
+    ``reports/eval/<run>/`` (summary json in ``reports/quantize/``). ``fp_logprobs``: the FP
+    model's answer log-probs, computed once per sweep (else recomputed per branch)."""
     from stages.params import parse_params, run_name
     from stages.quantize import QuantizeRun
 
@@ -69,7 +71,8 @@ def run_branch(cfg: dict, root: str, evaluate: bool = True, reports: str = str(S
     if evaluate:
         from stages.evaluate import evaluate_run  # lmms-eval based evaluation of the branch
 
-        res = evaluate_run(params, state_dir=d / "quantize", run=name, out_dir=Path(reports) / "eval")
+        res = evaluate_run(params, state_dir=d / "quantize", run=name, out_dir=Path(reports) / "eval",
+                           fp_logprobs=fp_logprobs)
         row.update({k: res[k] for k in ("accuracy", "answer_nll", "kl_to_fp") if k in res})
     return row
 
@@ -96,6 +99,7 @@ def sweep(params_path: str | Path | None = None, root: str | Path = SWEEP_ROOT, 
     import pandas as pd
 
     from stages.common import atomic_path
+    from stages.evaluate import DEMO_TASK, demo_rows, fp_answer_logprobs
     from stages.params import load_params
 
     params = load_params(params_path)
@@ -104,7 +108,11 @@ def sweep(params_path: str | Path | None = None, root: str | Path = SWEEP_ROOT, 
     @flow(name="sweep", task_runner=_task_runner(params), log_prints=True, validate_parameters=False)
     def sweep_flow() -> list[dict]:
         branch = task(run_branch, name="branch")
-        futures = [branch.with_options(task_run_name=f"branch-{i}").submit(cfg, str(root), evaluate, str(reports))
+        fp_lp = None
+        if evaluate and DEMO_TASK in params.eval.task_list():  # the KL reference, once for all branches
+            fp_lp = task(fp_answer_logprobs, name="fp-logprobs")(params, demo_rows(params))
+        futures = [branch.with_options(task_run_name=f"branch-{i}").submit(cfg, str(root), evaluate, str(reports),
+                                                                           fp_lp)
                    for i, cfg in enumerate(configs)]
         if evaluate:
             from stages.evaluate import evaluate as evaluate_stage

@@ -64,7 +64,9 @@ def main() -> None:
                       min_lr_frac=tp.min_lr_frac, weight_decay=tp.weight_decay, max_turns=tp.max_turns,
                       aux_weight=tp.aux_weight, aux_layer=tp.aux_layer, qk_init_std=tp.qk_init_std,
                       grad_clip=tp.grad_clip, seed=tp.seed, log_every=tp.log_every,
-                      curriculum_steps=tp.curriculum_steps, save_every=tp.save_every)
+                      curriculum_steps=tp.curriculum_steps, save_every=tp.save_every,
+                      attn_weight=tp.attn_weight, attn_layer=tp.attn_layer,
+                      vision_warmup_steps=tp.vision_warmup_steps)
 
     def checkpoint(step: int) -> None:  # monitoring snapshot (not the deliverable)
         ckpt = out_dir / "model.ckpt"

@@ -129,3 +129,37 @@ def test_answers_match_the_drawn_scene(splits):
             if r["question"] == "How many shapes are there?":
                 assert int(r["answer"]) == len(scene.objects)
         assert all(o.shape in SHAPES for o in scene.objects)
+
+
+def test_attention_targets_point_at_what_the_answer_depends_on(splits):
+    """The training-only attention targets name cells that hold exactly the things the question
+    names (checked against the scene, independently of the target code's regexes)."""
+    from vlmq.demo.data import attention_targets
+
+    n_checked = 0
+    for r in read_rows(splits["train"]):
+        scene = Scene.from_dict(json.loads(r["scene"]))
+        at = {(o.row * scene.grid + o.col): o for o in scene.objects}
+        for q, a, skill in zip(r["question"], r["answer"], r["skill"]):
+            t = attention_targets(scene, q, a)
+            sub = q.split("\n")[0].removeprefix("Question: ")
+            if skill == "text":
+                assert [c for c, _ in t] == [[scene.code_row * scene.grid + scene.code_col + i] for i in range(len(a))]
+            elif sub.startswith("How many"):
+                assert t == [([-1], [-1])]  # counts are read at <|vision_end|>
+            elif skill == "position":
+                (h0, h1), = t
+                named = re.findall(r"the (\w+ \w+)", q)
+                assert [at[c].name for c in h0] == [named[0]] and [at[c].name for c in h1] == [named[1]]
+            elif sub.startswith("What"):
+                shape = re.search(r"the (\w+)\?", sub)[1]
+                (h0, h1), = t
+                assert h0 == h1 and [at[c].shape for c in h0] == [shape]
+            elif sub == "Which of these objects is in the image?":
+                (h0, _), = t
+                present = [at[c].name for c in h0]
+                assert len(present) == 1 and f". {present[0]}" in q
+            else:
+                pytest.fail(f"no check for {q!r}")
+            n_checked += 1
+    assert n_checked > 100

@@ -94,6 +94,12 @@ def test_encoder_matches_chat_template(processor, data):
     assert e.ids == ids.tolist()
     n_ans = len(processor.tokenizer(r["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"])
     assert sum(x != -100 for x in e.labels) == n_ans
+    first = e.answer_starts[0]
+    assert e.labels[first] != -100 and e.labels[first - 1] == -100  # the first answer token
+    two = enc.encode([(r["question"], r["answer"]), ("What does the text say?", "AB3")])
+    assert len(two.answer_starts) == 2
+    assert two.ids[two.answer_starts[1]: two.answer_starts[1] + 3] == processor.tokenizer("AB3", add_special_tokens=False)["input_ids"]
+    assert two.ids.count(processor.image_token_id) == SPEC.grid ** 2  # the image only in the first turn
 
 
 def test_tiny_model_save_load_equal_logits(tiny_model, processor, data, tmp_path):
@@ -121,9 +127,15 @@ def test_train_steps_and_evaluation_helpers(tiny_model, processor, data):
 
     model = copy.deepcopy(tiny_model)
     cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=1, min_lr_frac=0.1, weight_decay=0.0, max_turns=3,
-                      aux_weight=0.5, aux_layer=1, qk_init_std=0.05, grad_clip=1.0, seed=0, log_every=1)
-    rec = train(model, processor, data["train"], cfg, SPEC.grid, log=lambda s: None)
+                      aux_weight=0.5, aux_layer=1, qk_init_std=0.05, grad_clip=1.0, seed=0, log_every=1,
+                      attn_weight=1.0, attn_layer=1, vision_warmup_steps=2)
+    lines = []
+    rec = train(model, processor, data["train"], cfg, SPEC.grid, log=lines.append)
     assert rec["final"]["loss"] > 0
+    assert any(l.startswith("vision warm-up 2/2") for l in lines)
+    attn = [float(l.split(" attn ")[1].split()[0]) for l in lines if l.startswith("step ")]
+    assert attn and all(a > 0 for a in attn)  # the attention supervision ran
+    assert model.config._attn_implementation == "sdpa"  # saved as a plain model
     rows = data["eval"][:4]
     preds = ev.greedy_answers(model, processor, rows, batch_size=2, max_new_tokens=3)
     assert len(preds) == 4 and all(isinstance(p, str) for p in preds)

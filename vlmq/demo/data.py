@@ -154,48 +154,40 @@ def caption(scene: Scene, rng: random.Random) -> QA:
     return rng.choice(CAPTION_INSTRUCTIONS), cap
 
 
-def _refs_single(scene: Scene, q: str) -> dict[tuple[int, int], int] | None:
+def _objects_in(scene: Scene, sel) -> list[int]:
+    return [o.row * scene.grid + o.col for o in scene.objects if sel(o)]
+
+
+def attention_targets(scene: Scene, question: str, answer: str) -> list[tuple[list[int], list[int]]] | None:
+    """Where a model should look to produce each answer token (a training-only signal).
+
+    One entry per answer token that has a target: ``(cells_head0, cells_head1)``, lists of image
+    cells (row-major) or ``[-1]`` for the ``<|vision_end|>`` token (which carries the counts).
+    The text skill's k-th character looks at the k-th code cell; position questions look at the
+    first named object with one head and the second with the other; counts look at
+    ``<|vision_end|>``; everything else at the cells of the objects the question names.
+    ``None`` where the question has no target (e.g. it names nothing drawn).
+    """
     import re
 
-    objs = scene.objects
-    cells = lambda sel: {(o.row, o.col): 1 for o in objs if sel(o)}  # noqa: E731
-    if m := re.fullmatch(r"What (?:color is|is the color of) the (\w+)\?", q):
-        return cells(lambda o: o.shape == m[1])
-    if q == "How many shapes are there?":
-        return cells(lambda o: True)
-    if m := re.fullmatch(r"How many (\w+) shapes are there\?", q):
-        return cells(lambda o: o.color == m[1])
-    if m := re.fullmatch(r"How many (\w+)s are there\?", q):
-        return cells(lambda o: o.shape == m[1])
-    if m := re.fullmatch(r"Is the (\w+ \w+) (?:left or right of|above or below) the (\w+ \w+)\?", q):
-        out = {(o.row, o.col): 1 for o in objs if o.name == m[1]}
-        out.update({(o.row, o.col): 2 for o in objs if o.name == m[2]})
-        return out
-    if q in ("What does the text say?", "Read the text in the image."):
-        return {(scene.code_row, scene.code_col + i): 1 for i in range(len(scene.code))}
-    return None
-
-
-def referenced_cells(scene: Scene, question: str) -> list[int]:
-    """Per cell (row-major): 1 (2) where the question refers to the first (second) named thing.
-
-    A training-only target: with the question before the image, an image token can tell whether
-    it is what the question asks about. MCQ: the sub-question's cells, or for "Which of these
-    objects is in the image?" the cell of the option that is present.
-    """
     q = question
+    opts = ""
     if q.startswith("Question: "):
-        sub, opts = q.split("\n")[0].removeprefix("Question: "), q.split("\n")[1]
-        if sub == "Which of these objects is in the image?":
-            refs = {(o.row, o.col): 1 for o in scene.objects if f". {o.name}" in opts}
-        else:
-            refs = _refs_single(scene, sub) or {}
-    else:
-        refs = _refs_single(scene, q) or {}
-    out = [0] * (scene.grid * scene.grid)
-    for (r, c), v in refs.items():
-        out[r * scene.grid + c] = v
-    return out
+        q, opts = q.split("\n")[0].removeprefix("Question: "), q.split("\n")[1]
+    if q in ("What does the text say?", "Read the text in the image."):
+        return [([c], [c]) for c in (scene.code_row * scene.grid + scene.code_col + i for i in range(len(answer)))]
+    if q.startswith("How many"):
+        return [([-1], [-1])]
+    if m := re.fullmatch(r"What (?:color is|is the color of) the (\w+)\?", q):
+        cells = _objects_in(scene, lambda o: o.shape == m[1])
+        return [(cells, cells)] if cells else None
+    if m := re.fullmatch(r"Is the (\w+ \w+) (?:left or right of|above or below) the (\w+ \w+)\?", q):
+        a, b = _objects_in(scene, lambda o: o.name == m[1]), _objects_in(scene, lambda o: o.name == m[2])
+        return [(a, b)] if a and b else None
+    if q == "Which of these objects is in the image?":
+        cells = _objects_in(scene, lambda o: f". {o.name}" in opts)
+        return [(cells, cells)] if cells else None
+    return None
 
 
 def png_bytes(img) -> bytes:

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlmq.demo.data import referenced_cells
+from vlmq.demo.data import attention_targets
 from vlmq.demo.render import CODE_ALPHABET, COLORS, SHAPES, SIZES, Scene
 
 MAX_COUNT = 7  # count classes 0..6
@@ -84,7 +84,6 @@ class AuxHeads(nn.Module):
         self.lm = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in lm_sizes.items()})
         self.n_counts = 1 + len(COLORS) + len(SHAPES)
         self.count = nn.Linear(hidden, self.n_counts * MAX_COUNT)
-        self.ref = nn.Linear(hidden, 3)  # image token is (none / first / second) thing asked about
 
 
 def scene_targets(scene: Scene) -> dict[str, torch.Tensor]:
@@ -104,6 +103,7 @@ def scene_targets(scene: Scene) -> dict[str, torch.Tensor]:
 class Encoded:
     ids: list[int]
     labels: list[int]
+    answer_starts: list[int]  # index of every turn's first answer token
 
 
 class ConversationEncoder:
@@ -131,12 +131,27 @@ class ConversationEncoder:
     def encode(self, turns: Sequence[tuple[str, str]]) -> Encoded:
         ids: list[int] = []
         labels: list[int] = []
+        starts: list[int] = []
         for k, (q, a) in enumerate(turns):
-            head = self.user + self._enc(q) + (self.image if k == 0 else []) + self.to_assistant
+            head = self.user + (self.image if k == 0 else []) + self._enc(q) + self.to_assistant
             ans = self._enc(a) + self.im_end
+            starts.append(len(ids) + len(head))
             ids += head + ans + self.newline
             labels += [-100] * len(head) + ans + [-100] * len(self.newline)
-        return Encoded(ids, labels)
+        return Encoded(ids, labels, starts)
+
+
+def pad_batch(encs: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, labels, attention_mask)`` of encoded sequences."""
+    L = max(len(e.ids) for e in encs)
+    ids = torch.full((len(encs), L), pad_id)
+    lab = torch.full((len(encs), L), -100)
+    att = torch.zeros((len(encs), L), dtype=torch.long)
+    for b, e in enumerate(encs):
+        ids[b, : len(e.ids)] = torch.tensor(e.ids)
+        lab[b, : len(e.labels)] = torch.tensor(e.labels)
+        att[b, : len(e.ids)] = 1
+    return ids, lab, att
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -173,6 +188,9 @@ class TrainConfig:
     log_every: int
     curriculum_steps: int = 0
     save_every: int = 0
+    attn_weight: float = 0.0
+    attn_layer: int = 2
+    vision_warmup_steps: int = 0
 
 
 def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
@@ -182,7 +200,8 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
 
     Curriculum: during the first ``cfg.curriculum_steps`` steps a batch is drawn only from images
     with at most k shapes, k growing linearly from 1 to the maximum; afterwards, epochs of random
-    permutations. Every sequence holds 1..``max_turns`` questions about its image, shuffled.
+    permutations. Every sequence holds up to ``max_turns`` questions about its image (a multi-turn
+    chat, the image in the first user turn), in random order, so each skill comes first equally often.
     ``checkpoint(step)`` is called every ``cfg.save_every`` steps (monitoring only).
     """
     from PIL import Image
@@ -196,6 +215,8 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
     vend_id = model.config.vision_end_token_id
     pad_id = tok.pad_token_id
 
+    if cfg.attn_weight > 0:  # attention probabilities are needed (training only; saved as sdpa)
+        model.set_attn_implementation("eager")
     if cfg.qk_init_std > 0:
         g = torch.Generator().manual_seed(cfg.seed + 1)
         with torch.no_grad():
@@ -215,30 +236,28 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
     stats = {"loss": 0.0, "aux": 0.0, "acc": 0.0, "n": 0}
 
     def batch_of(idx: list[int]):
-        images, encs, tgts = [], [], []
+        images, encs, tgts, attn_q = [], [], [], []
         for i in idx:
             r = rows[i]
             images.append(Image.open(io.BytesIO(r["image"])).convert("RGB"))
             turns = list(zip(r["question"], r["answer"]))
             rng.shuffle(turns)
-            turns = turns[: rng.randint(1, min(cfg.max_turns, len(turns)))]
-            encs.append(enc.encode(turns))
+            turns = turns[: cfg.max_turns]
+            e = enc.encode(turns)
+            encs.append(e)
             scene = Scene.from_dict(json.loads(r["scene"]))
-            tg = scene_targets(scene)
-            tg["ref"] = torch.tensor(referenced_cells(scene, turns[0][0]))
-            tgts.append(tg)
-        L = max(len(e.ids) for e in encs)
-        ids = torch.full((len(encs), L), pad_id)
-        lab = torch.full((len(encs), L), -100)
-        att = torch.zeros((len(encs), L), dtype=torch.long)
-        for b, e in enumerate(encs):
-            ids[b, : len(e.ids)] = torch.tensor(e.ids)
-            lab[b, : len(e.labels)] = torch.tensor(e.labels)
-            att[b, : len(e.ids)] = 1
+            tgts.append(scene_targets(scene))
+            for (q, a), start in zip(turns, e.answer_starts):
+                for k, cells in enumerate(attention_targets(scene, q, a) or []):
+                    # logits at position start+k-1 predict answer token k
+                    attn_q.append((len(encs) - 1, start + k - 1, cells))
+        ids, lab, att = pad_batch(encs, pad_id)
         pix = processor.image_processor(images=images, return_tensors="pt")
         t = {k: torch.stack([x[k] for x in tgts]) for k in tgts[0]}
-        return ids, lab, att, pix["pixel_values"], pix["image_grid_thw"], t
+        return ids, lab, att, pix["pixel_values"], pix["image_grid_thw"], t, attn_q
 
+    if cfg.vision_warmup_steps:
+        _vision_warmup(model, processor, aux, rows, cfg, n_img_tok, rng, log)
     n_obj = [len(json.loads(r["scene"])["objects"]) for r in rows]
     max_obj = max(n_obj)
     for step in range(cfg.steps):
@@ -252,12 +271,13 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
                 rng.shuffle(perm)
                 order += perm
             idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        ids, lab, att, pix, thw, tg = batch_of(idx)
+        ids, lab, att, pix, thw, tg, attn_q = batch_of(idx)
         lr = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
         for gr in opt.param_groups:
             gr["lr"] = lr
         out = model(input_ids=ids, attention_mask=att, pixel_values=pix, image_grid_thw=thw,
-                    mm_token_type_ids=(ids == img_id).long(), output_hidden_states=True, use_cache=False)
+                    mm_token_type_ids=(ids == img_id).long(), output_hidden_states=True,
+                    output_attentions=cfg.attn_weight > 0, use_cache=False)
         logits = out.logits[:, :-1]
         tgt = lab[:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
@@ -276,12 +296,15 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
         hv = F.layer_norm(h[ids == vend_id], (hidden,))
         cnt = aux.count(hv).reshape(B, aux.n_counts, MAX_COUNT)
         aux_loss = aux_loss + F.cross_entropy(cnt.flatten(0, 1), tg["counts"].flatten()) * 3
-        aux_loss = aux_loss + F.cross_entropy(aux.ref(hi).flatten(0, 1), tg["ref"].flatten()) * 3
         # Keep image embeddings on the text-embedding scale (RMS <= 0.1 per dimension): left free,
         # the merger output grows ~100x (probes at image tokens favour a loud, unmixed input),
         # drowning the question tokens in the residual stream and stalling the answer loss.
         scale_penalty = 10.0 * F.relu(vis_raw.pow(2).mean() - 1e-2)
         loss = ce + cfg.aux_weight * aux_loss + scale_penalty
+        if cfg.attn_weight > 0 and attn_q:
+            attn_loss = _attention_loss(out.attentions[cfg.attn_layer], ids, attn_q, img_id, vend_id)
+            loss = loss + cfg.attn_weight * attn_loss
+            stats["attn"] = stats.get("attn", 0.0) + attn_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -296,6 +319,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = stats["n"]
             msg = (f"step {step + 1}/{cfg.steps} lr {lr:.2e} ce {stats['loss'] / n:.4f} aux {stats['aux'] / n:.3f} "
+                   f"attn {stats.get('attn', 0.0) / n:.3f} "
                    f"tok_acc {stats['acc'] / n:.4f} elapsed {time.time() - t0:.0f}s")
             if holdout is not None:
                 msg += f" | holdout {holdout_accuracy(model, processor, holdout, enc):s}"
@@ -308,8 +332,60 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             checkpoint(step + 1)
             model.train()
     hook.remove()
+    if cfg.attn_weight > 0:
+        model.set_attn_implementation("sdpa")
     model.eval()
     return {"final": hist, "seconds": time.time() - t0}
+
+
+def _vision_warmup(model, processor, aux: AuxHeads, rows: list[dict], cfg: TrainConfig, n_img_tok: int,
+                   rng: random.Random, log: Callable[[str], None]) -> None:
+    """Train the vision tower + merger alone on the per-cell probes (cheap: no decoder pass).
+
+    The decoder then starts from image tokens that already say what is in their cell, which is
+    what lets answer grounding start within the CPU budget.
+    """
+    from PIL import Image
+
+    visual = model.model.visual
+    params = list(visual.parameters()) + list(aux.vis.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr * 0.5, betas=(0.9, 0.98), weight_decay=0.0)
+    hidden = model.config.text_config.hidden_size
+    t0 = time.time()
+    for step in range(cfg.vision_warmup_steps):
+        batch = rng.sample(rows, cfg.batch_size)
+        pix = processor.image_processor(images=[Image.open(io.BytesIO(r["image"])).convert("RGB") for r in batch],
+                                        return_tensors="pt")
+        out = visual(pix["pixel_values"], grid_thw=pix["image_grid_thw"])
+        x = getattr(out, "pooler_output", out).reshape(len(batch), n_img_tok, hidden)
+        tg = [scene_targets(Scene.from_dict(json.loads(r["scene"]))) for r in batch]
+        loss = sum(F.cross_entropy(aux.vis[k](F.layer_norm(x, (hidden,))).flatten(0, 1),
+                                   torch.stack([t[k] for t in tg]).flatten()) for k in aux.vis)
+        loss = loss + 10.0 * F.relu(x.pow(2).mean() - 1e-2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.vision_warmup_steps:
+            log(f"vision warm-up {step + 1}/{cfg.vision_warmup_steps} probe loss {loss.item():.4f} "
+                f"elapsed {time.time() - t0:.0f}s")
+
+
+def _attention_loss(attn: torch.Tensor, ids: torch.Tensor, queries: list, img_id: int, vend_id: int) -> torch.Tensor:
+    """-log(attention mass on the target tokens) of heads 0 and 1 at the supervised positions.
+
+    ``attn``: [B, heads, L, L] probabilities of one layer; ``queries``: (batch row, query
+    position, (cells_head0, cells_head1)) with cells indexing the row's image tokens, -1 meaning
+    its ``<|vision_end|>`` token.
+    """
+    terms = []
+    for b, p, cells in queries:
+        img_pos = (ids[b] == img_id).nonzero().flatten()
+        vend = (ids[b] == vend_id).nonzero().flatten()
+        for h, cs in enumerate(cells):
+            pos = torch.stack([vend[0] if c < 0 else img_pos[c] for c in cs])
+            terms.append(-torch.log(attn[b, h, p, pos].sum() + 1e-6))
+    return torch.stack(terms).mean()
 
 
 @torch.no_grad()
@@ -322,14 +398,7 @@ def holdout_accuracy(model, processor, rows: list[dict], enc: ConversationEncode
     for s in range(0, len(rows), 32):
         chunk = rows[s: s + 32]
         encs = [enc.encode([(r["question"], r["answer"])]) for r in chunk]
-        L = max(len(e.ids) for e in encs)
-        ids = torch.full((len(encs), L), processor.tokenizer.pad_token_id)
-        lab = torch.full((len(encs), L), -100)
-        att = torch.zeros((len(encs), L), dtype=torch.long)
-        for b, e in enumerate(encs):
-            ids[b, : len(e.ids)] = torch.tensor(e.ids)
-            lab[b, : len(e.labels)] = torch.tensor(e.labels)
-            att[b, : len(e.ids)] = 1
+        ids, lab, att = pad_batch(encs, processor.tokenizer.pad_token_id)
         pix = processor.image_processor(images=[Image.open(io.BytesIO(r["image"])).convert("RGB") for r in chunk],
                                         return_tensors="pt")
         out = model(input_ids=ids, attention_mask=att, pixel_values=pix["pixel_values"],

@@ -25,20 +25,17 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|video_pad|>",
 )
 
-# The demo model reads the question before the image: the template renders a turn's text first
-# and its image placeholders after it, whatever the order of the content list, so every caller
-# (lmms-eval's model, prepare_calib, the demo's own evaluation) gets the layout the model was
-# trained with. Otherwise Qwen2-VL's chat template without the default system turn (kept short so that vision tokens
-# dominate a calibration sample, as they do in the paper's VLM inputs); a system message given
-# explicitly is rendered the Qwen way.
+# Qwen2-VL's chat template (content rendered in list order, image placeholders where the images
+# are), without the default system turn: kept short so that vision tokens dominate a calibration
+# sample, as they do in the paper's VLM inputs. A system message given explicitly is rendered the
+# Qwen way.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -94,9 +91,6 @@ def make_processor(tokenizer, image_size: int, patch_size: int = 14, merge_size:
 
 
 def user_prompt(question: str) -> list[dict]:
-    """One user turn: the question, then the image (what eval and calibration feed the model).
-
-    Question-first ordering (as in many VQA prompts) lets image tokens attend to the question,
-    which makes grounding learnable for a model this small within a CPU training budget.
-    """
-    return [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}]
+    """One user turn: the image, then the question (Qwen2-VL's usual layout; what eval and
+    calibration feed the model)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
