@@ -97,7 +97,7 @@ class LatencyParams(_Strict):
     group_size: int = 128
     batches: list[int] = [1, 16]
     dense_dtypes: list[Literal["float32", "bfloat16", "float16"]] = ["float32", "bfloat16"]
-    backends: list[Literal["aten_int4", "dequant", "reference"]] = ["aten_int4", "dequant"]
+    backends: list[Literal["aten_int4", "cpu_fused", "dequant", "reference"]] = ["aten_int4", "cpu_fused", "dequant"]
     runs: int = Field(20, ge=3)
     warmup: int = Field(3, ge=0)
     threads: int | None = None     # torch threads (null = torch's default)

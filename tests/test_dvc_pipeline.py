@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytestmark = pytest.mark.integration
@@ -32,7 +33,8 @@ def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
-def test_dvc_repro_tiny_chain(tmp_path, tiny_vlm):
+def make_repo(tmp_path, tiny_vlm):
+    """A throwaway git + DVC repository with the project's DAG and a tiny configuration."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for item in ("dvc.yaml", "stages", "pipeline", "vlmq", "benchmarks"):
@@ -59,7 +61,11 @@ def test_dvc_repro_tiny_chain(tmp_path, tiny_vlm):
     sh(dvc + ["config", "core.analytics", "false"], repo, env)
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "tiny"], repo, env)
+    return repo, params, env, dvc
 
+
+def test_dvc_repro_tiny_chain(tmp_path, tiny_vlm):
+    repo, params, env, dvc = make_repo(tmp_path, tiny_vlm)
     first = sh(dvc + ["repro"], repo, env)
     assert set(ran(first)) == {"demo_data", "prepare_calib", "cache_fp", "quantize", "pack", "latency", "evaluate",
                                "report"}, first[-3000:]
@@ -78,3 +84,38 @@ def test_dvc_repro_tiny_chain(tmp_path, tiny_vlm):
     third = sh(dvc + ["repro"], repo, env)
     assert ran(third) == ["evaluate", "report"], third[-3000:]
     assert "up to date" in sh(dvc + ["status"], repo, env)
+
+
+def test_killed_repro_resumes_and_exp_run_set_param(tmp_path, tiny_vlm):
+    """SIGKILL `dvc repro` once quantize has finished layer 0; the next `dvc repro` resumes after it and
+    gives the same integers as an uninterrupted run. Then `dvc exp run -S` changes one param."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    repo, params, env, dvc = make_repo(tmp_path, tiny_vlm)
+    sh(dvc + ["repro", "cache_fp"], repo, env)
+    proc = subprocess.Popen(dvc + ["repro", "quantize"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    done0, summary = repo / "data/quantize/layer_000/done.json", repo / "data/quantize/summary.json"
+    t0 = time.time()
+    while not done0.exists() and proc.poll() is None and time.time() - t0 < 600:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert done0.exists() and not summary.exists(), "the kill must land between layer 0 and the end"
+    out = sh(dvc + ["repro", "quantize"], repo, env)
+    assert "resuming after 1 finished layer(s)" in out, out[-3000:]
+    resumed = {f"{l}/{k}": v for l in (0, 1)
+               for k, v in load_file(str(repo / f"data/quantize/layer_{l:03d}/solved.safetensors")).items()}
+    shutil.rmtree(repo / "data/quantize")  # an uninterrupted run from scratch
+    sh(dvc + ["repro", "quantize"], repo, env)
+    fresh = {f"{l}/{k}": v for l in (0, 1)
+             for k, v in load_file(str(repo / f"data/quantize/layer_{l:03d}/solved.safetensors")).items()}
+    assert resumed.keys() == fresh.keys() and all(torch.equal(resumed[k], fresh[k]) for k in fresh)
+
+    out = sh(dvc + ["exp", "run", "-S", "quant.bits=4"], repo, env)
+    assert "quantize" in ran(out) and "demo_data" not in ran(out), out[-3000:]
+    assert yaml.safe_load((repo / "params.yaml").read_text())["quant"]["bits"] == 4
+    assert (repo / "reports/eval/vlmq-w4g64/result.json").is_file()

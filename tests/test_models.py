@@ -455,3 +455,34 @@ def test_load_model_refuses_checkpoint_with_missing_tensors(tmp_path: Path) -> N
     del weights[dropped]
     save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     _expect_load_error(tmp_path, "lack", "up_proj")
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_packed_checkpoint_round_trip_all_families(case: Case, tmp_path: Path, bits: int) -> None:
+    """pack (GPTQ layout) -> load_packed: per backend, logits of the fake-quantized model (same
+    integers, fp16 scales) on every model family."""
+    import copy
+
+    from vlmq.checkpoint import load_packed, write_packed
+    from vlmq.qlinear import available_backends
+    from vlmq.quant import dequantize, rtn
+
+    adapter = get_adapter(case.model)
+    solved, fq = [], copy.deepcopy(case.model)
+    for layer, fq_layer in zip(adapter.decoder_layers(case.model), adapter.decoder_layers(fq)):
+        t = {}
+        for name, lin in adapter.linears(layer).items():
+            q, s, z, g = rtn(lin.weight, bits, 32)
+            t.update({f"{name}.int_weight": q, f"{name}.scales": s, f"{name}.zeros": z, f"{name}.g_idx": g})
+            adapter.set_weight(fq_layer, name, dequantize(q, s.half().float(), z, g))
+        solved.append(t)
+    write_packed(case.model, case.processor, adapter, solved, tmp_path / "packed", bits=bits, group_size=32,
+                 sym=False, desc_act=False, method="rtn")
+    mask = case.batch["attention_mask"].bool()
+    ref = model_logits(fq, case.batch)[mask]
+    for backend in available_backends(bits):
+        model, _, qc = load_packed(tmp_path / "packed", backend=backend)
+        assert type(model) is type(case.model) and qc["bits"] == bits
+        got = model_logits(model, case.batch)[mask]
+        rel = float((got - ref).norm() / ref.norm())
+        assert rel < (2e-2 if backend == "aten_int4" else 1e-3), (backend, rel)
