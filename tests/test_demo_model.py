@@ -100,6 +100,16 @@ def test_encoder_matches_chat_template(processor, data):
     assert len(two.answer_starts) == 2
     assert two.ids[two.answer_starts[1]: two.answer_starts[1] + 3] == processor.tokenizer("AB3", add_special_tokens=False)["input_ids"]
     assert two.ids.count(processor.image_token_id) == SPEC.grid ** 2  # the image only in the first turn
+    from vlmq.demo.data import answer_latents
+    from vlmq.demo.render import Scene
+
+    mcq = [r for r in data["eval"] if r["skill"] == "mcq"][0]
+    e = enc.encode([("What does the text say?", "AB3"), (mcq["question"], mcq["answer"])])
+    _, at = answer_latents(Scene.from_dict(__import__("json").loads(mcq["scene"])), mcq["question"], mcq["answer"])
+    pos = enc.question_token_at(mcq["question"], at, e.answer_starts[1])
+    option_text = mcq["question"][at:].split(" ")[0]
+    assert processor.tokenizer.decode([e.ids[pos]]).strip() == option_text[: len(processor.tokenizer.decode([e.ids[pos]]).strip())]
+    assert processor.tokenizer.decode(e.ids[pos - 2: pos]).strip() == f"{mcq['answer']}."  # "C." just before
 
 
 def test_tiny_model_save_load_equal_logits(tiny_model, processor, data, tmp_path):
@@ -128,13 +138,15 @@ def test_train_steps_and_evaluation_helpers(tiny_model, processor, data):
     model = copy.deepcopy(tiny_model)
     cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=1, min_lr_frac=0.1, weight_decay=0.0, max_turns=3,
                       aux_weight=0.5, aux_layer=1, qk_init_std=0.05, grad_clip=1.0, seed=0, log_every=1,
-                      attn_weight=1.0, attn_layer=1, vision_warmup_steps=2)
+                      attn_weight=1.0, attn_layer=0, vision_warmup_steps=2, latent_weight=1.0)
     lines = []
     rec = train(model, processor, data["train"], cfg, SPEC.grid, log=lines.append)
     assert rec["final"]["loss"] > 0
     assert any(l.startswith("vision warm-up 2/2") for l in lines)
     attn = [float(l.split(" attn ")[1].split()[0]) for l in lines if l.startswith("step ")]
     assert attn and all(a > 0 for a in attn)  # the attention supervision ran
+    latent = [float(l.split(" latent ")[1].split()[0]) for l in lines if l.startswith("step ")]
+    assert latent and all(x > 0 for x in latent)  # and the answer-latent probes
     assert model.config._attn_implementation == "sdpa"  # saved as a plain model
     rows = data["eval"][:4]
     preds = ev.greedy_answers(model, processor, rows, batch_size=2, max_new_tokens=3)

@@ -190,6 +190,47 @@ def attention_targets(scene: Scene, question: str, answer: str) -> list[tuple[li
     return None
 
 
+LATENTS: dict[str, int] = {"a_row": 0, "a_col": 0, "b_row": 0, "b_col": 0, "count": 7,
+                           "color": len(COLORS), "shape": len(SHAPES)}  # 0 = the grid size
+
+
+def answer_latents(scene: Scene, question: str, answer: str) -> tuple[dict[str, int], int | None]:
+    """Intermediate quantities an answer is computed from (a training-only signal at the first
+    answer token): rows/columns of the two objects of a position question, the count, the colour
+    (and shape) asked about; for a multiple-choice question also the character offset in the
+    question of the correct option's text (where the letter can be read off), else ``None``.
+    """
+    import re
+
+    q, opt_at = question, None
+    if q.startswith("Question: "):
+        head, opts = q.split("\n")[0], q.split("\n")[1]
+        m = re.search(rf"{answer}\. ", opts)
+        opt_at = len(head) + 1 + m.end()
+        q = head.removeprefix("Question: ")
+        if q == "Which of these objects is in the image?":
+            name = re.match(r"(\w+ \w+)", opts[m.end():])[1]
+            o = next(o for o in scene.objects if o.name == name)
+            return {"color": list(COLORS).index(o.color), "shape": SHAPES.index(o.shape)}, opt_at
+    if q.startswith("How many"):
+        objs = scene.objects
+        if q == "How many shapes are there?":
+            pass
+        elif m := re.fullmatch(r"How many (\w+) shapes are there\?", q):
+            objs = [o for o in objs if o.color == m[1]]
+        elif m := re.fullmatch(r"How many (\w+)s are there\?", q):
+            objs = [o for o in objs if o.shape == m[1]]
+        return {"count": min(len(objs), LATENTS["count"] - 1)}, opt_at
+    if m := re.fullmatch(r"What (?:color is|is the color of) the (\w+)\?", q):
+        o = next(o for o in scene.objects if o.shape == m[1])
+        return {"color": list(COLORS).index(o.color)}, opt_at
+    if m := re.fullmatch(r"Is the (\w+ \w+) (?:left or right of|above or below) the (\w+ \w+)\?", q):
+        a = next(o for o in scene.objects if o.name == m[1])
+        b = next(o for o in scene.objects if o.name == m[2])
+        return {"a_row": a.row, "a_col": a.col, "b_row": b.row, "b_col": b.col}, opt_at
+    return {}, opt_at
+
+
 def png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=6)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlmq.demo.data import attention_targets
+from vlmq.demo.data import LATENTS, answer_latents, attention_targets
 from vlmq.demo.render import CODE_ALPHABET, COLORS, SHAPES, SIZES, Scene
 
 MAX_COUNT = 7  # count classes 0..6
@@ -82,6 +82,7 @@ class AuxHeads(nn.Module):
         self.vis = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in self.sizes.items()})
         lm_sizes = dict(self.sizes, row=grid, col=grid)
         self.lm = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in lm_sizes.items()})
+        self.latent = nn.ModuleDict({k: nn.Linear(hidden, n or grid) for k, n in LATENTS.items()})
         self.n_counts = 1 + len(COLORS) + len(SHAPES)
         self.count = nn.Linear(hidden, self.n_counts * MAX_COUNT)
 
@@ -127,6 +128,16 @@ class ConversationEncoder:
         if s not in self.cache:
             self.cache[s] = self.tok(s, add_special_tokens=False)["input_ids"]
         return self.cache[s]
+
+    def question_token_at(self, question: str, char: int, answer_start: int) -> int:
+        """Sequence position of the question token covering character ``char`` of ``question``
+        (the turn whose answer starts at ``answer_start``)."""
+        offsets = self.tok(question, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        q_start = answer_start - len(self.to_assistant) - len(offsets)
+        for t, (a, b) in enumerate(offsets):
+            if a <= char < b:
+                return q_start + t
+        raise ValueError(f"character {char} of {question!r} is in no token")
 
     def encode(self, turns: Sequence[tuple[str, str]]) -> Encoded:
         ids: list[int] = []
@@ -191,6 +202,7 @@ class TrainConfig:
     attn_weight: float = 0.0
     attn_layer: int = 2
     vision_warmup_steps: int = 0
+    latent_weight: float = 0.0
 
 
 def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
@@ -215,7 +227,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
     vend_id = model.config.vision_end_token_id
     pad_id = tok.pad_token_id
 
-    if cfg.attn_weight > 0:  # attention probabilities are needed (training only; saved as sdpa)
+    if cfg.attn_weight > 0 or cfg.latent_weight > 0:  # attention probabilities are needed (training only; saved as sdpa)
         model.set_attn_implementation("eager")
     if cfg.qk_init_std > 0:
         g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -236,7 +248,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
     stats = {"loss": 0.0, "aux": 0.0, "acc": 0.0, "n": 0}
 
     def batch_of(idx: list[int]):
-        images, encs, tgts, attn_q = [], [], [], []
+        images, encs, tgts, attn_q, latent_q, option_q = [], [], [], [], [], []
         for i in idx:
             r = rows[i]
             images.append(Image.open(io.BytesIO(r["image"])).convert("RGB"))
@@ -247,14 +259,21 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             encs.append(e)
             scene = Scene.from_dict(json.loads(r["scene"]))
             tgts.append(scene_targets(scene))
+            b = len(encs) - 1
             for (q, a), start in zip(turns, e.answer_starts):
                 for k, cells in enumerate(attention_targets(scene, q, a) or []):
                     # logits at position start+k-1 predict answer token k
-                    attn_q.append((len(encs) - 1, start + k - 1, cells))
+                    attn_q.append((b, start + k - 1, cells))
+                if cfg.latent_weight > 0:
+                    lat, opt_at = answer_latents(scene, q, a)
+                    if lat:
+                        latent_q.append((b, start - 1, lat))
+                    if opt_at is not None:  # where the letter of the correct option can be read off
+                        option_q.append((b, start - 1, enc.question_token_at(q, opt_at, start)))
         ids, lab, att = pad_batch(encs, pad_id)
         pix = processor.image_processor(images=images, return_tensors="pt")
         t = {k: torch.stack([x[k] for x in tgts]) for k in tgts[0]}
-        return ids, lab, att, pix["pixel_values"], pix["image_grid_thw"], t, attn_q
+        return ids, lab, att, pix["pixel_values"], pix["image_grid_thw"], t, (attn_q, latent_q, option_q)
 
     if cfg.vision_warmup_steps:
         _vision_warmup(model, processor, aux, rows, cfg, n_img_tok, rng, log)
@@ -271,13 +290,13 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
                 rng.shuffle(perm)
                 order += perm
             idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        ids, lab, att, pix, thw, tg, attn_q = batch_of(idx)
+        ids, lab, att, pix, thw, tg, (attn_q, latent_q, option_q) = batch_of(idx)
         lr = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
         for gr in opt.param_groups:
             gr["lr"] = lr
         out = model(input_ids=ids, attention_mask=att, pixel_values=pix, image_grid_thw=thw,
                     mm_token_type_ids=(ids == img_id).long(), output_hidden_states=True,
-                    output_attentions=cfg.attn_weight > 0, use_cache=False)
+                    output_attentions=cfg.attn_weight > 0 or cfg.latent_weight > 0, use_cache=False)
         logits = out.logits[:, :-1]
         tgt = lab[:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
@@ -305,6 +324,18 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             attn_loss = _attention_loss(out.attentions[cfg.attn_layer], ids, attn_q, img_id, vend_id)
             loss = loss + cfg.attn_weight * attn_loss
             stats["attn"] = stats.get("attn", 0.0) + attn_loss.item()
+        if cfg.latent_weight > 0 and latent_q:
+            # what the answer is computed from, readable after the supervised attention layer
+            hq = out.hidden_states[cfg.attn_layer + 1]
+            terms = [F.cross_entropy(aux.latent[k](F.layer_norm(hq[b, p], (hidden,)))[None], torch.tensor([v]))
+                     for b, p, lat in latent_q for k, v in lat.items()]
+            lat_loss = torch.stack(terms).mean()
+            if option_q:  # multiple choice: the next layer's heads 0/1 look at the correct option's text
+                att2 = out.attentions[cfg.attn_layer + 1]
+                lat_loss = lat_loss + torch.stack([-torch.log(att2[b, h, p, t] + 1e-6) for b, p, t in option_q
+                                                   for h in (0, 1)]).mean()
+            loss = loss + cfg.latent_weight * lat_loss
+            stats["latent"] = stats.get("latent", 0.0) + lat_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -319,7 +350,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = stats["n"]
             msg = (f"step {step + 1}/{cfg.steps} lr {lr:.2e} ce {stats['loss'] / n:.4f} aux {stats['aux'] / n:.3f} "
-                   f"attn {stats.get('attn', 0.0) / n:.3f} "
+                   f"attn {stats.get('attn', 0.0) / n:.3f} latent {stats.get('latent', 0.0) / n:.3f} "
                    f"tok_acc {stats['acc'] / n:.4f} elapsed {time.time() - t0:.0f}s")
             if holdout is not None:
                 msg += f" | holdout {holdout_accuracy(model, processor, holdout, enc):s}"
@@ -332,7 +363,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             checkpoint(step + 1)
             model.train()
     hook.remove()
-    if cfg.attn_weight > 0:
+    if cfg.attn_weight > 0 or cfg.latent_weight > 0:
         model.set_attn_implementation("sdpa")
     model.eval()
     return {"final": hist, "seconds": time.time() - t0}
