@@ -97,7 +97,7 @@ class LatencyParams(_Strict):
     group_size: int = 128
     batches: list[int] = [1, 16]
     dense_dtypes: list[Literal["float32", "bfloat16", "float16"]] = ["float32", "bfloat16"]
-    backends: list[Literal["aten_int4", "cpu_fused", "dequant", "reference"]] = ["aten_int4", "cpu_fused", "dequant"]
+    backends: list[Literal["aten_int4", "cpu_fused", "dequant", "reference"]] = ["aten_int4", "cpu_fused"]
     runs: int = Field(20, ge=3)
     warmup: int = Field(3, ge=0)
     threads: int | None = None     # torch threads (null = torch's default)
@@ -165,7 +165,7 @@ class DemoTrainParams(_Strict):
     save_every: int = Field(200, ge=0)         # monitoring checkpoint <out_dir>/model.ckpt (0 = none)
     attn_weight: float = Field(1.0, ge=0.0)    # supervision of 2 heads' attention at answer tokens (0 = off)
     attn_layer: int = Field(2, ge=0)           # decoder layer whose heads 0/1 are supervised
-    latent_weight: float = Field(1.0, ge=0.0)  # probes of what the answer is computed from, at the answer token
+    latent_weight: float = Field(0.0, ge=0.0)  # probes of what the answer is computed from, at the answer token
     vision_warmup_steps: int = Field(300, ge=0)  # vision tower + merger alone on the per-cell probes first
 
 

@@ -226,3 +226,30 @@ def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tm
     assert w4["disk_bytes"] < fp["disk_bytes"]
     md = latency_tables(tmp_path / "reports" / "latency.json", tmp_path / "reports" / "pack.json")
     assert "| (256, 128) | 1 | W4g64 | aten_int4 |" in md and "End-to-end decode" in md
+
+
+def test_checkpoint_in_the_legacy_key_layout_of_other_gptq_tools_loads(tiny_vlm, tmp_path):
+    """GPTQ checkpoints of Qwen2-VL written by AutoGPTQ/GPTQModel name the decoder `model.layers.N`
+    and the vision tower `visual.*` (the layout before transformers 5): same tensors, same logits."""
+    from safetensors.torch import load_file, save_file
+
+    from vlmq.models import load_model
+
+    model, processor, adapter = load_model(tiny_vlm["model"])
+    out = tmp_path / "ours"
+    write_packed(model, processor, adapter, _solved_rtn(model, adapter, 4, 64, False), out, bits=4, group_size=64,
+                 sym=False, desc_act=False, method="rtn")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in out.iterdir():
+        if f.name not in ("model.safetensors", MANIFEST):
+            (legacy / f.name).write_bytes(f.read_bytes())
+    renamed = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+               for k, v in load_file(str(out / "model.safetensors")).items()}
+    assert any(k.startswith("model.layers.0.self_attn.q_proj.qweight") for k in renamed)
+    save_file(renamed, str(legacy / "model.safetensors"))
+    inputs = _inputs(tiny_vlm, processor)
+    a, _, _ = load_packed(out, backend="dequant")
+    b, _, _ = load_packed(legacy, backend="dequant")  # no manifest: another tool's checkpoint
+    with torch.no_grad():
+        assert torch.equal(a(**inputs).logits, b(**inputs).logits)

@@ -149,6 +149,31 @@ def verify_manifest(path: Path) -> dict:
     return manifest
 
 
+def _canonical_keys(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename checkpoint keys of the older layouts other GPTQ tools write (e.g. ``model.layers.N``
+    and ``visual.*`` for Qwen2-VL) to the model's, with transformers' own renaming rules."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        rules = [(src, tgt) for r in get_model_conversion_mapping(model)
+                 if hasattr(r, "source_patterns") and type(r).__name__ in ("WeightRenaming", "PrefixChange")
+                 for src, tgt in zip(r.source_patterns, r.target_patterns * len(r.source_patterns))]
+    except ImportError:  # older transformers: keys are used as they are
+        rules = []
+    modules = {n for n, _ in model.named_modules()}
+    out = {}
+    for k, v in state.items():
+        if k.rpartition(".")[0] not in modules:
+            for src, tgt in rules:  # the first rule that applies, as transformers does
+                if re.search(src, k):
+                    k = re.sub(src, tgt, k)
+                    break
+        out[k] = v
+    return out
+
+
 def _quantized_names(state_keys: list[str]) -> list[str]:
     return sorted(k[: -len(".qweight")] for k in state_keys if k.endswith(".qweight"))
 
@@ -196,6 +221,7 @@ def load_packed(path: str | Path, backend: str = "auto", dtype: torch.dtype = to
         del config_obj.quantization_config
     cls = getattr(transformers, adapter.architectures[0])
     model = cls._from_config(config_obj, dtype=dtype)  # CPU: non-persistent buffers (RoPE) get built
+    state = _canonical_keys(model, state)
     qnames = _quantized_names(list(state))
     if not qnames:
         raise CheckpointError(f"{path}: no '*.qweight' tensors in the weights")
