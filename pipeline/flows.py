@@ -41,3 +41,63 @@ def quantize_flow(params_path: str | Path | None = None) -> dict:
     for l in run.todo():
         task(run.step, name=f"layer-{l:03d}", task_run_name=f"layer-{l:03d}")(l)
     return run.finish(time.perf_counter() - t0)
+
+
+@flow(name="vlmq-pipeline", log_prints=True, validate_parameters=False)
+def pipeline_flow(params_path: str | Path | None = None, skip: tuple[str, ...] = ()) -> dict:
+    """The whole chain without DVC, each stage a subflow in DAG order (the same order as
+    ``dvc.yaml``): prepare_calib → cache_fp → quantize → pack → latency → evaluate → report.
+
+    ``python -m pipeline.flows [--skip latency ...]``. Unlike ``dvc repro`` it reruns every stage
+    (quantize still resumes finished layers of an unchanged configuration)."""
+    from stages.cache_fp import cache_fp
+    from stages.evaluate import evaluate
+    from stages.latency import latency
+    from stages.pack import pack
+    from stages.prepare_calib import prepare_calib
+    from stages.report import report
+
+    chain: list[tuple[str, Callable[[], Any]]] = [
+        ("prepare_calib", lambda: run_stage("prepare_calib", prepare_calib, params_path)),
+        ("cache_fp", lambda: run_stage("cache_fp", cache_fp, params_path)),
+        ("quantize", lambda: quantize_flow(params_path) if _prefect_enabled() else _quantize_plain(params_path)),
+        ("pack", lambda: run_stage("pack", pack, params_path)),
+        ("latency", lambda: run_stage("latency", latency, params_path)),
+        ("evaluate", lambda: run_stage("evaluate", evaluate, params_path)),
+        ("report", lambda: run_stage("report", report)),
+    ]
+    unknown = set(skip) - {n for n, _ in chain}
+    if unknown:
+        raise ValueError(f"skip: unknown stage(s) {sorted(unknown)}; stages are {[n for n, _ in chain]}")
+    seconds: dict[str, float] = {}
+    for name, fn in chain:
+        if name in skip:
+            continue
+        t0 = time.perf_counter()
+        fn()
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        print(f"pipeline: {name} finished in {seconds[name]} s")
+    return seconds
+
+
+def _quantize_plain(params_path):
+    from stages.quantize import quantize
+
+    return quantize(params_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Run the whole pipeline as one Prefect flow (no DVC).")
+    ap.add_argument("--params", default=None)
+    ap.add_argument("--skip", nargs="*", default=[], help="stages to leave out, e.g. latency")
+    a = ap.parse_args(argv)
+    if _prefect_enabled():
+        pipeline_flow(a.params, tuple(a.skip))
+    else:
+        pipeline_flow.fn(a.params, tuple(a.skip))
+
+
+if __name__ == "__main__":
+    main()

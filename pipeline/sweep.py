@@ -34,8 +34,8 @@ def expand_grid(params) -> list[dict]:
     base = params.model_dump()
     out, seen = [], set()
     for method, bits, gs, source in itertools.product(sw.methods, sw.bits, sw.group_sizes, sw.importance):
-        if method != "vlmq" and source != sw.importance[0]:
-            continue  # the importance source only matters for VLMQ
+        if method not in ("vlmq", "mbq", "vlmq+vlm_ptq") and source != sw.importance[0]:
+            continue  # the importance source only matters for the methods that use token importance
         cfg = {**base, "quant": {**base["quant"], "method": method, "bits": bits, "group_size": gs},
                "importance": {**base["importance"], "source": source}}
         if bits <= 2 and sw.gptq_precursor_at_2bit:

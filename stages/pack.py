@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stages.common import get_logger, stage_timer, write_json
 from stages.params import load_params, run_name
-from stages.quantize import STATE
+from stages.quantize import STATE, apply_fp_tensors
 
 REPORT = Path("reports/pack.json")
 
@@ -43,6 +43,7 @@ def pack(params_path: str | Path | None = None, state_dir: str | Path = STATE, r
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: missing (the quantize run did not finish layer {l})")
             solved.append(load_file(str(f)))
+            apply_fp_tensors(adapter.decoder_layers(model)[l], solved[-1], f)  # AWQ/MBQ's folded norms
         q = params.quant
         manifest = write_packed(model, processor, adapter, solved, params.pack.out_dir, bits=q.bits,
                                 group_size=q.group_size, sym=q.sym, desc_act=q.act_order, method=q.method,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path(os.environ.get("VLMQ_PARAMS", "params.yaml"))
 
@@ -52,20 +52,56 @@ class CacheParams(_Strict):
 
 
 class ImportanceParams(_Strict):
-    """Where VLMQ's token importance G comes from (paper Sec. 4 and ablations, Tables 1, 5, 12)."""
+    """Where VLMQ's token importance G comes from (paper Sec. 4 and ablations, Tables 1, 5-8, 12).
 
-    source: Literal["gradient", "constant", "random", "file"] = "gradient"
+    ``granularity`` and ``breakpoint`` choose the loss of the gradient source (Tables 7, 8; the
+    other sources ignore them); ``pact_*`` are the PACT source's knobs (Table 6; defaults from
+    PACT's own configuration). Definitions: ``vlmq/importance.py``."""
+
+    source: Literal["gradient", "constant", "random", "file", "fastv", "pact"] = "gradient"
     norm: Literal["l1", "l2"] = "l1"
     enhance: list[Literal["q_proj", "k_proj", "v_proj", "o_proj"]] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     li_ratio: float = Field(0.5, ge=0.0, le=1.0)       # random: fraction of vision tokens down-weighted
     down_weight: float = Field(0.1, ge=0.0)            # random: their importance
     file: str | None = None                            # file: importance directory of an earlier run
+    granularity: Literal["layer", "block", "network"] = "block"   # gradient: L_Layer | L_Block (Eq. 5) | L_Network (CE)
+    breakpoint: Literal["attn_out", "o_proj_in"] = "attn_out"     # gradient, block: where L_Block is measured
+    pact_keep: float = Field(0.55, gt=0.0, le=1.0)     # pact: fraction of vision tokens kept by the EUTI pruning
+    pact_cutoff: float = Field(0.21, ge=0.0, le=2.0)   # pact: DBDPC cutoff (cosine distance of the keys)
+    pact_coef: float = Field(1.5, ge=0.0)              # pact: pruned tokens within coef * cutoff are retrieved
+
+    @model_validator(mode="after")
+    def _breakpoint_needs_block(self):
+        if self.breakpoint != "attn_out" and self.granularity != "block":
+            raise ValueError(f"importance.breakpoint={self.breakpoint!r} applies to importance.granularity "
+                             f"'block' only (got granularity {self.granularity!r}); use breakpoint 'attn_out'")
+        return self
+
+
+METHODS = ("rtn", "gptq", "gptaq", "vlmq", "awq", "mbq", "vlm_ptq", "vlmq+vlm_ptq")
+Method = Literal["rtn", "gptq", "gptaq", "vlmq", "awq", "mbq", "vlm_ptq", "vlmq+vlm_ptq"]
+
+
+class AWQParams(_Strict):
+    """AWQ / MBQ scale search (``vlmq/awq.py``): s = mean|x|^α, α on ``grid`` points in [0, 1]."""
+
+    grid: int = Field(20, ge=2)
+
+
+class VLMPTQParams(_Strict):
+    """VLM-PTQ (``vlmq/vlm_ptq.py``, docs/vlm_ptq.md): quantization target of the column loop and
+    the modality-aware clipping search of the group parameters."""
+
+    target: Literal["corrected", "uncorrected"] = "corrected"
+    vision_weight: float = Field(1.0, ge=0.0)      # β: a_c = (E_text[x²] + β E_vision[x²]) / (1 + β)
+    grid: int = Field(20, ge=1)                    # clipping ratios per group (1 = plain min/max)
+    max_shrink: float = Field(0.5, ge=0.0, lt=1.0)  # ratios from 1 down to 1 - max_shrink
 
 
 class QuantParams(_Strict):
     """Weight quantization of the language backbone's decoder linears."""
 
-    method: Literal["rtn", "gptq", "gptaq", "vlmq"] = "vlmq"
+    method: Method = "vlmq"
     bits: Literal[2, 3, 4, 8] = 3
     group_size: int = 128
     sym: bool = False
@@ -73,6 +109,8 @@ class QuantParams(_Strict):
     damp: float = Field(0.01, gt=0.0)
     block_size: int = Field(128, ge=1)
     precursor: Literal["gptq", "gptaq"] = "gptaq"
+    awq: AWQParams = AWQParams()
+    vlm_ptq: VLMPTQParams = VLMPTQParams()
 
     @field_validator("group_size")
     @classmethod
@@ -182,10 +220,10 @@ class SweepParams(_Strict):
     """The grid of the sweep flow (``python -m pipeline.sweep``): independent quantize → evaluate
     branches on Prefect's task runner (threads, or a Dask cluster with ``prefect-dask``)."""
 
-    methods: list[Literal["rtn", "gptq", "gptaq", "vlmq"]] = ["rtn", "gptq", "gptaq", "vlmq"]
+    methods: list[Method] = ["rtn", "gptq", "gptaq", "vlmq"]
     bits: list[Literal[2, 3, 4, 8]] = [3, 2]
     group_sizes: list[int] = [128]
-    importance: list[Literal["gradient", "constant", "random"]] = ["gradient"]
+    importance: list[Literal["gradient", "constant", "random", "fastv", "pact"]] = ["gradient"]
     gptq_precursor_at_2bit: bool = True   # the paper's ‡ rows: VLMQ on GPTQ at 2 bits
     engine: Literal["threads", "dask"] = "threads"
     workers: int = Field(1, ge=1)
@@ -256,11 +294,25 @@ def run_name(params: "Params") -> str:
     q = params.quant
     gs = "c" if q.group_size == -1 else f"g{q.group_size}"
     name = f"{q.method}-w{q.bits}{gs}"
-    if q.method == "vlmq":
-        if q.precursor != "gptaq":
-            name += f"-{q.precursor}"
-        if params.importance.source != "gradient":
-            name += f"-{params.importance.source}"
+    if q.method in ("vlmq", "vlmq+vlm_ptq") and q.precursor != "gptaq":
+        name += f"-{q.precursor}"
+    if q.method in ("vlm_ptq", "vlmq+vlm_ptq") and q.vlm_ptq.target != "corrected":
+        name += f"-{q.vlm_ptq.target}"
+    if q.method in ("vlmq", "mbq", "vlmq+vlm_ptq"):
+        imp = params.importance
+        if imp.source != "gradient":
+            name += f"-{imp.source}"
+        if imp.source == "random":  # VLMQ-naive grid (Tables 1, 5): LI ratio x down-weight factor
+            name += f"-li{imp.li_ratio:g}-dw{imp.down_weight:g}"
+        if imp.source == "gradient":  # loss granularity (Table 7) and breakpoint (Table 8)
+            if imp.granularity != "block":
+                name += f"-{imp.granularity}"
+            if imp.breakpoint != "attn_out":
+                name += f"-{imp.breakpoint}"
+        if imp.norm != "l1":
+            name += f"-{imp.norm}"
+        if list(imp.enhance) != ["q_proj", "k_proj", "v_proj", "o_proj"]:
+            name += "-enh_" + "".join(e[0] for e in imp.enhance)
     if q.sym:
         name += "-sym"
     return name

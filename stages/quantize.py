@@ -7,7 +7,8 @@ already-quantized layers):
   projection and token (VLMQ methods; schema in the README, "Artifacts");
 * ``data/quantize/layer_{l:03d}/solved.safetensors`` — per linear ``<name>.int_weight``,
   ``.scales``, ``.zeros``, ``.g_idx`` (the solver's output; ``vlmq.quant.dequantize`` rebuilds the
-  weight exactly);
+  weight exactly), plus, for awq/mbq, the FP parameters the scale folding changed under their
+  names in the layer (``input_layernorm.weight``, ``self_attn.v_proj.bias``, …);
 * ``data/quantize/layer_{l:03d}/x_hat.safetensors`` — X̂ at the input of layer l+1 (kept for the
   latest finished layer only: enough to resume);
 * ``data/quantize/layer_{l:03d}/done.json`` — written last: the layer is finished.
@@ -49,7 +50,20 @@ def layer_config(params: Params):
     return LayerQuantConfig(method=q.method, bits=q.bits, group_size=q.group_size, sym=q.sym,
                             act_order=q.act_order, damp=q.damp, block_size=q.block_size,
                             precursor=q.precursor, importance=imp.source, norm=imp.norm,
-                            enhance=tuple(imp.enhance), li_ratio=imp.li_ratio, down_weight=imp.down_weight)
+                            enhance=tuple(imp.enhance), li_ratio=imp.li_ratio, down_weight=imp.down_weight,
+                            granularity=imp.granularity, breakpoint=imp.breakpoint, pact_keep=imp.pact_keep,
+                            pact_cutoff=imp.pact_cutoff, pact_coef=imp.pact_coef,
+                            awq_grid=q.awq.grid, vlm_ptq_target=q.vlm_ptq.target,
+                            vlm_ptq_vision_weight=q.vlm_ptq.vision_weight, vlm_ptq_grid=q.vlm_ptq.grid,
+                            vlm_ptq_max_shrink=q.vlm_ptq.max_shrink)
+
+
+def importance_label(imp) -> str:
+    """The importance source as reported: ``gradient`` plus a non-default granularity /
+    breakpoint (``gradient:network``, ``gradient:o_proj_in``), else the source name."""
+    from vlmq.importance import gradient_rule
+
+    return gradient_rule(imp.source, imp.granularity, imp.breakpoint) if imp.source == "gradient" else imp.source
 
 
 def code_hash() -> str:
@@ -124,8 +138,13 @@ def read_file_importance(path: Path, layer: int, ctx) -> dict[str, list[torch.Te
     return out
 
 
+QUANT_SUFFIXES = (".int_weight", ".scales", ".zeros", ".g_idx")
+
+
 def apply_solved_layer(adapter, layer, path: Path) -> None:
-    """Set a decoder layer's linears to the dequantized solved weights stored at ``path``."""
+    """Set a decoder layer's linears to the dequantized solved weights stored at ``path``, and its
+    other stored parameters (AWQ/MBQ's folded ``<norm>.weight``, ``self_attn.v_proj.bias``) to the
+    stored FP values."""
     from safetensors.torch import load_file
 
     from vlmq.quant import dequantize
@@ -136,6 +155,25 @@ def apply_solved_layer(adapter, layer, path: Path) -> None:
     for name in adapter.linear_names:
         W = dequantize(t[f"{name}.int_weight"], t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"])
         adapter.set_weight(layer, name, W)
+    apply_fp_tensors(layer, t, path)
+
+
+def apply_fp_tensors(layer, t: dict, path) -> None:
+    """Copy the stored non-quantized parameters of a solved layer (every key of ``t`` that is not
+    ``<linear>.int_weight/scales/zeros/g_idx``, e.g. AWQ's folded ``input_layernorm.weight``)
+    into ``layer``."""
+    for key, value in t.items():
+        if key.endswith(QUANT_SUFFIXES):
+            continue
+        try:
+            param = layer.get_parameter(key)
+        except AttributeError:
+            raise ValueError(f"quantized state: {path} has tensor {key!r}, which is no parameter of the layer") from None
+        if tuple(param.shape) != tuple(value.shape):
+            raise ValueError(f"quantized state: {path}: {key} has shape {list(value.shape)}, "
+                             f"the layer's is {list(param.shape)}")
+        with torch.no_grad():
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
 def load_fake_quantized_model(model_path: str | Path, state_dir: str | Path = STATE,
@@ -216,22 +254,31 @@ class QuantizeRun:
 
     def step(self, l: int) -> dict:
         """Importance + solve of layer ``l``, then propagate X̂; writes the layer's artifacts."""
-        from vlmq.quantize import CalibBatch, quantize_layer
+        from vlmq.quantize import CalibBatch, NetworkTail, quantize_layer
 
         t0 = time.perf_counter()
         layer = self.layers[l].to(self.device)
         x_fp = load_layer(self.cache_dir, l, self.dtype)
         batches = [CalibBatch(inputs=c.to(self.device), x_fp=xf.to(self.device), x_hat=xh.to(self.device),
-                              modality=lab["modality"].to(self.device))
+                              modality=lab["modality"].to(self.device), segment=lab["segment"].to(self.device))
                    for (c, lab), xf, xh in zip(self.ctx, x_fp, self.x_hat)]
+        network, moved = None, []
+        if self.cfg.uses_importance and self.cfg.importance == "gradient" and self.cfg.granularity == "network":
+            # L_Network: X̂ of this layer runs through the later (still FP) layers and the head
+            moved = self.layers[l + 1:] + [self.adapter.final_norm(self.model), self.adapter.lm_head(self.model)]
+            for m in moved:
+                m.to(self.device)
+            network = NetworkTail(layers=self.layers[l + 1:], head=lambda h: self.adapter.logits(self.model, h))
         gen = torch.Generator().manual_seed(self.params.seed * 100_003 + l)
         file_g = None
-        if self.cfg.method == "vlmq" and self.cfg.importance == "file":
+        if self.cfg.uses_importance and self.cfg.importance == "file":
             if not self.params.importance.file:
                 raise ValueError("importance.source is 'file' but importance.file is not set")
             file_g = read_file_importance(Path(self.params.importance.file), l, self.ctx)
         outcome = quantize_layer(self.adapter, layer, batches, self.cfg, name=f"layers.{l}", generator=gen,
-                                 file_g=file_g, on_step=lambda m: self.log.info("quantize: %s", m))
+                                 file_g=file_g, on_step=lambda m: self.log.info("quantize: %s", m), network=network)
+        for m in moved:
+            m.to("cpu")
         with torch.no_grad():
             x_next = [self.adapter.run_layer(layer, b.x_hat, b.inputs).cpu() for b in batches]
         self.layers[l].to("cpu")
@@ -241,6 +288,7 @@ class QuantizeRun:
         for name, r in outcome.results.items():
             tensors.update({f"{name}.int_weight": r.int_weight.to(torch.uint8), f"{name}.scales": r.scales,
                             f"{name}.zeros": r.zeros.to(torch.uint8), f"{name}.g_idx": r.g_idx})
+        tensors.update({k: v.contiguous() for k, v in outcome.fp_params.items()})  # AWQ/MBQ folds
         q = self.params.quant
         save_safetensors(tensors, d / "solved.safetensors",
                          metadata={"bits": str(q.bits), "group_size": str(q.group_size), "sym": str(q.sym),
@@ -251,6 +299,8 @@ class QuantizeRun:
         seconds = time.perf_counter() - t0
         record = {"layer": l, "seconds": seconds, "block_loss": outcome.block_loss, "rules": sorted(set(outcome.rules)),
                   "damp_used": {n: r.damp_used for n, r in outcome.results.items()}}
+        if outcome.info:
+            record["search"] = outcome.info  # awq/mbq: alpha per group; vlm_ptq: clipping ratios
         write_json(d / "done.json", record)
         if l > 0 and (self.layer_dir(l - 1) / "x_hat.safetensors").is_file():
             (self.layer_dir(l - 1) / "x_hat.safetensors").unlink()  # only the latest is needed to resume
@@ -264,8 +314,8 @@ class QuantizeRun:
         q = self.params.quant
         summary = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "sym": q.sym,
                    "act_order": q.act_order,
-                   "precursor": q.precursor if q.method in ("vlmq",) else (q.method if q.method in ("gptq", "gptaq") else None),
-                   "importance": self.params.importance.source if q.method == "vlmq" else None,
+                   "precursor": self.cfg.solver_method if self.cfg.solver_method in ("gptq", "gptaq") else None,
+                   "importance": importance_label(self.params.importance) if self.cfg.uses_importance else None,
                    "quantize_seconds": sum(r["seconds"] for r in per_layer),
                    "wall_seconds_this_run": total_seconds, "peak_rss_mb": peak_rss_mb(),
                    "layers": per_layer}

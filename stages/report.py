@@ -34,7 +34,7 @@ QUANT = Path("reports/quantize")
 OUT = Path("reports")
 IMPORTANCE = Path("data/importance")
 CACHE = Path("data/cache")
-BASELINES = ("rtn", "gptq", "gptaq", "awq", "mbq")
+BASELINES = ("rtn", "gptq", "gptaq", "awq", "mbq", "vlm_ptq")
 RESULT_KEYS = ("accuracy", "per_task", "answer_nll", "kl_to_fp")
 
 

@@ -51,4 +51,25 @@ def test_missing_and_malformed_files(tmp_path):
 def test_run_names(tmp_path):
     assert run_name(load_params(write(tmp_path, {"quant": {"method": "gptq", "bits": 2, "group_size": -1}}))) == "gptq-w2c"
     p = load_params(write(tmp_path, {"quant": {"method": "vlmq", "precursor": "gptq"}, "importance": {"source": "random"}}))
-    assert run_name(p) == "vlmq-w3g128-gptq-random"
+    assert run_name(p) == "vlmq-w3g128-gptq-random-li0.5-dw0.1"
+    # every ablation axis gets its own name (branches of a sweep never overwrite each other)
+    names = {run_name(load_params(write(tmp_path, {"importance": imp}))) for imp in
+             [{}, {"granularity": "layer"}, {"granularity": "network"}, {"breakpoint": "o_proj_in"},
+              {"norm": "l2"}, {"enhance": ["q_proj", "k_proj", "v_proj"]}, {"source": "fastv"}, {"source": "pact"},
+              {"source": "random", "li_ratio": 0.25}, {"source": "random", "down_weight": 0.5}]}
+    assert len(names) == 10 and "vlmq-w3g128" in names and "vlmq-w3g128-enh_qkv" in names
+
+
+def test_new_method_knobs_and_run_names(tmp_path):
+    p = load_params(write(tmp_path, {"quant": {"method": "vlmq+vlm_ptq", "vlm_ptq": {"target": "uncorrected"}}}))
+    assert p.quant.vlm_ptq.target == "uncorrected" and p.quant.awq.grid == 20
+    assert run_name(p) == "vlmq+vlm_ptq-w3g128-uncorrected"
+    assert run_name(load_params(write(tmp_path, {"quant": {"method": "awq", "precursor": "gptq"}}))) == "awq-w3g128"
+    p = load_params(write(tmp_path, {"quant": {"method": "mbq"}, "importance": {"source": "constant"}}))
+    assert run_name(p) == "mbq-w3g128-constant"
+    for bad, key in [({"awq": {"grid": 1}}, "quant.awq.grid"), ({"vlm_ptq": {"max_shrink": 1.0}}, "quant.vlm_ptq.max_shrink"),
+                     ({"vlm_ptq": {"target": "nearest"}}, "quant.vlm_ptq.target"),
+                     ({"vlm_ptq": {"vision_weight": -1}}, "quant.vlm_ptq.vision_weight"),
+                     ({"vlm_ptq": {"gird": 3}}, "quant.vlm_ptq.gird: unknown key"), ({"method": "awq2"}, "quant.method")]:
+        with pytest.raises(ParamsError, match=key):
+            load_params(write(tmp_path, {"quant": bad}))

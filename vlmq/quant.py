@@ -44,14 +44,21 @@ def n_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else math.ceil(in_features / group_size)
 
 
-def affine_params(w: torch.Tensor, bits: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_params(w: torch.Tensor, bits: int, sym: bool = False,
+                  ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (Eq. 13-14) of each row of ``w`` [rows, k].
 
-    Returns ``scale`` (same float dtype as ``w``) and ``zero`` (integer values, same dtype) [rows].
+    ``ratio`` (a float or one per row, in (0, 1]) shrinks the range [min W, max W] before Eq. 13-14
+    (clipping: weights outside the shrunk range are clamped by Eq. 11); 1.0 is the plain quantizer,
+    bit for bit. Returns ``scale`` (same float dtype as ``w``) and ``zero`` (integer values, same
+    dtype) [rows].
     """
     maxq = 2**bits - 1
     wmin = w.amin(dim=1).clamp(max=0)
     wmax = w.amax(dim=1).clamp(min=0)
+    if not (isinstance(ratio, float) and ratio == 1.0):
+        wmin = wmin * ratio
+        wmax = wmax * ratio
     if sym:
         amax = torch.maximum(wmin.abs(), wmax)
         scale = 2 * amax / maxq

@@ -5,13 +5,21 @@ earlier layer quantized). For one layer:
 
 1. importance (VLMQ only): one forward of the attention block on X and on X̂ and one backward of
    L_block = ||Attn(X) − Attn(X̂)||² give g per token for each of q/k/v/o
-   (:func:`vlmq.importance.gradient_importance`), or g from another source (constant, random
-   low-importance vision tokens, a file of an earlier run);
+   (:func:`vlmq.importance.gradient_importance`; layer-wise / network-wise losses and the
+   o_proj_in breakpoint of the paper's ablations on the same path), or g from another source
+   (FastV / PACT attention scores, constant, random low-importance vision tokens, a file of an
+   earlier run);
 2. solve, sub-block by sub-block in forward order ([q, k, v] → [o] → [gate, up] → [down], so each
    linear sees X̂ inputs produced by the already-quantized linears before it): streaming
    statistics over the calibration batches (H̃ with the projection's own G for the enhanced
    attention projections, plain H for the MLP), then :func:`vlmq.solver.solve`;
 3. the caller propagates X̂ through the quantized layer and X through the FP layer.
+
+The other methods on the same loop: ``awq`` / ``mbq`` replace step 2 by a per-channel scale search
+folded into the op before each sub-block (:func:`scale_layer`, :mod:`vlmq.awq`; MBQ's modality
+sensitivities come from step 1's g) followed by RTN; ``vlm_ptq`` / ``vlmq+vlm_ptq`` run step 2 on
+GPTAQ / the precursor with VLM-PTQ's target and per-group clipping search weighted by the
+modality-aware channel importance (:mod:`vlmq.vlm_ptq`, docs/vlm_ptq.md).
 
 Stages do the I/O (cache, Parquet, safetensors, resume); this module holds no file logic.
 """
@@ -27,7 +35,8 @@ import torch
 from torch import nn
 
 from vlmq.hessian import HessianAccumulator
-from vlmq.importance import PROJECTIONS, gradient_importance, random_low_importance
+from vlmq.importance import (ATTENTION_SOURCES, BREAKPOINTS, GRANULARITIES, PROJECTIONS, AttentionGeometry,
+                             attention_importance, gradient_importance, random_low_importance, sft_targets)
 from vlmq.solver import QuantResult, solve
 
 log = logging.getLogger(__name__)
@@ -39,8 +48,11 @@ SUBSETS = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
-METHODS = ("rtn", "gptq", "gptaq", "vlmq")
-IMPORTANCE_SOURCES = ("gradient", "constant", "random", "file")
+METHODS = ("rtn", "gptq", "gptaq", "vlmq", "awq", "mbq", "vlm_ptq", "vlmq+vlm_ptq")
+IMPORTANCE_METHODS = ("vlmq", "mbq", "vlmq+vlm_ptq")   # methods that compute token importance g
+SCALE_METHODS = ("awq", "mbq")                          # per-channel scale search + fold, then RTN
+VLM_PTQ_METHODS = ("vlm_ptq", "vlmq+vlm_ptq")           # corrected target + modality-aware clipping
+IMPORTANCE_SOURCES = ("gradient", "constant", "random", "file") + ATTENTION_SOURCES
 VISION = 1  # modality code of vision tokens (vlmq.models.labels.MODALITY_NAMES = ("text", "vision"))
 
 
@@ -61,6 +73,16 @@ class LayerQuantConfig:
     enhance: tuple[str, ...] = PROJECTIONS
     li_ratio: float = 0.5
     down_weight: float = 0.1
+    granularity: str = "block"      # gradient: loss of Table 7 (layer | block | network)
+    breakpoint: str = "attn_out"    # gradient, block: where L_block is measured (attn_out | o_proj_in)
+    pact_keep: float = 0.55         # pact: fraction of vision tokens kept by the EUTI pruning
+    pact_cutoff: float = 0.21       # pact: DBDPC cosine-distance cutoff
+    pact_coef: float = 1.5          # pact: pruned tokens within coef * cutoff are retrieved
+    awq_grid: int = 20              # awq / mbq: grid points of α in [0, 1]
+    vlm_ptq_target: str = "corrected"   # vlm_ptq: corrected | uncorrected (ablation)
+    vlm_ptq_vision_weight: float = 1.0  # vlm_ptq: β, weight of the vision mean in the channel importance
+    vlm_ptq_grid: int = 20              # vlm_ptq: clipping ratios searched per group (1 = no search)
+    vlm_ptq_max_shrink: float = 0.5     # vlm_ptq: smallest ratio = 1 − max_shrink
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -72,11 +94,48 @@ class LayerQuantConfig:
         bad = set(self.enhance) - set(PROJECTIONS)
         if bad:
             raise ValueError(f"enhance={list(self.enhance)!r}: unknown projections {sorted(bad)}; allowed {PROJECTIONS}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={self.granularity!r} must be one of {GRANULARITIES}")
+        if self.breakpoint not in BREAKPOINTS:
+            raise ValueError(f"breakpoint={self.breakpoint!r} must be one of {BREAKPOINTS}")
+        if self.breakpoint != "attn_out" and self.granularity != "block":
+            raise ValueError(f"breakpoint={self.breakpoint!r} applies to granularity 'block' only "
+                             f"(granularity={self.granularity!r})")
+        if not 0.0 < self.pact_keep <= 1.0:
+            raise ValueError(f"pact_keep={self.pact_keep!r} must be in (0, 1]")
+        if not 0.0 <= self.pact_cutoff <= 2.0:
+            raise ValueError(f"pact_cutoff={self.pact_cutoff!r} must be a cosine distance in [0, 2]")
+        if self.pact_coef < 0:
+            raise ValueError(f"pact_coef={self.pact_coef!r} must be >= 0")
+        from vlmq.vlm_ptq import TARGETS
+
+        if isinstance(self.awq_grid, bool) or not isinstance(self.awq_grid, int) or self.awq_grid < 2:
+            raise ValueError(f"awq_grid={self.awq_grid!r} must be an integer >= 2")
+        if self.vlm_ptq_target not in TARGETS:
+            raise ValueError(f"vlm_ptq_target={self.vlm_ptq_target!r} must be one of {TARGETS}")
+        if not self.vlm_ptq_vision_weight >= 0:
+            raise ValueError(f"vlm_ptq_vision_weight={self.vlm_ptq_vision_weight!r} must be >= 0")
+        if isinstance(self.vlm_ptq_grid, bool) or not isinstance(self.vlm_ptq_grid, int) or self.vlm_ptq_grid < 1:
+            raise ValueError(f"vlm_ptq_grid={self.vlm_ptq_grid!r} must be a positive integer")
+        if not 0.0 <= self.vlm_ptq_max_shrink < 1.0:
+            raise ValueError(f"vlm_ptq_max_shrink={self.vlm_ptq_max_shrink!r} must be in [0, 1)")
 
     @property
     def solver_method(self) -> str:
-        """The solver's method for this config: rtn, gptq or gptaq (VLMQ runs on its precursor)."""
-        return self.precursor if self.method == "vlmq" else self.method
+        """The solver's method for this config: rtn, gptq or gptaq (VLMQ and VLMQ+VLM-PTQ run on
+        their precursor, VLM-PTQ on GPTAQ, AWQ/MBQ on RTN after the scale fold)."""
+        if self.method in ("vlmq", "vlmq+vlm_ptq"):
+            return self.precursor
+        if self.method == "vlm_ptq":
+            return "gptaq"
+        if self.method in SCALE_METHODS:
+            return "rtn"
+        return self.method
+
+    @property
+    def uses_importance(self) -> bool:
+        """Whether the method computes token importance g (VLMQ, MBQ's sensitivities, VLMQ+VLM-PTQ)."""
+        return self.method in IMPORTANCE_METHODS
 
 
 @dataclass
@@ -90,6 +149,17 @@ class CalibBatch:
     x_fp: torch.Tensor
     x_hat: torch.Tensor
     modality: torch.Tensor
+    segment: torch.Tensor | None = None  # [B, T] segment codes (granularity="network": answer targets)
+
+
+@dataclass
+class NetworkTail:
+    """What follows a layer's attention block for ``granularity="network"``: the (FP) decoder
+    layers after it and the output head ``head(h) -> logits`` (final norm + lm_head), on the
+    device of the batches."""
+
+    layers: list
+    head: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -99,6 +169,10 @@ class LayerOutcome:
     err_norm: dict[str, list[torch.Tensor]] = field(default_factory=dict)   # short name -> per batch [B, T]
     block_loss: list[float] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
+    # FP parameters changed by AWQ/MBQ's scale folding (name in the layer -> tensor), saved with
+    # the quantized state; ``info``: per-method search records (JSON-serialisable)
+    fp_params: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
 
 
 def _capture_inputs(modules: dict[str, nn.Module]):
@@ -115,17 +189,39 @@ def _capture_inputs(modules: dict[str, nn.Module]):
 
 def layer_importance(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: LayerQuantConfig, *,
                      generator: torch.Generator | None = None,
-                     file_g: dict[str, list[torch.Tensor]] | None = None) -> LayerOutcome:
-    """Step 1 of Algorithm 1: importance g per token for each attention projection."""
+                     file_g: dict[str, list[torch.Tensor]] | None = None,
+                     network: NetworkTail | None = None) -> LayerOutcome:
+    """Step 1 of Algorithm 1: importance g per token for each attention projection.
+
+    ``cfg.importance``: gradient (Eq. 4-5; ``cfg.granularity`` / ``cfg.breakpoint`` choose the
+    loss of paper Tables 7/8, ``network`` is required for granularity "network"), fastv / pact
+    (attention scores, Table 6), constant, random (VLMQ-naive) or file (``file_g``)."""
     linears = adapter.linears(layer)
     mods = {name.rsplit(".", 1)[1]: linears[name] for name in ATTN}
+    if cfg.importance == "gradient" and cfg.granularity == "network" and network is None:
+        raise ValueError("granularity='network' needs the network tail (the layers after this one and the head)")
     out = LayerOutcome(results={}, g={n: [] for n in PROJECTIONS}, err_norm={n: [] for n in PROJECTIONS})
     for bi, b in enumerate(batches):
         mask = b.inputs.token_mask
+
+        def block_fn(h, b=b):
+            return adapter.attention_block(layer, h, b.inputs)
+
         if cfg.importance == "gradient":
-            res = gradient_importance(lambda h, b=b: adapter.attention_block(layer, h, b.inputs), mods,
-                                      b.x_fp, b.x_hat, token_mask=mask, norm=cfg.norm,
-                                      fallback=(cfg.bits, cfg.group_size, cfg.sym))
+            net_loss = None
+            if cfg.granularity == "network":
+                net_loss = _network_loss(adapter, layer, b, network)
+            res = gradient_importance(block_fn, mods, b.x_fp, b.x_hat, token_mask=mask, norm=cfg.norm,
+                                      fallback=(cfg.bits, cfg.group_size, cfg.sym), granularity=cfg.granularity,
+                                      breakpoint=cfg.breakpoint, network_loss=net_loss)
+            g, err, loss, rule = res.g, res.err_norm, res.loss, res.rule
+        elif cfg.importance in ATTENTION_SOURCES:
+            res = attention_importance(block_fn, mods, b.x_fp, b.x_hat, style=cfg.importance,
+                                       geometry=AttentionGeometry.of(layer.get_submodule("self_attn")),
+                                       position_embeddings=b.inputs.position_embeddings,
+                                       attention_mask=b.inputs.attention_mask, token_mask=mask,
+                                       vision=(b.modality == VISION), pact_keep=cfg.pact_keep,
+                                       pact_cutoff=cfg.pact_cutoff, pact_coef=cfg.pact_coef)
             g, err, loss, rule = res.g, res.err_norm, res.loss, res.rule
         else:
             if cfg.importance == "constant":
@@ -149,25 +245,57 @@ def layer_importance(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: 
     return out
 
 
+def _network_loss(adapter, layer: nn.Module, b: CalibBatch, network: NetworkTail) -> Callable[[torch.Tensor], torch.Tensor]:
+    """L_Network for one batch: Attn(X̂) → this layer's MLP → the later (FP) layers → head, summed
+    cross-entropy of the next-token predictions on the ground-truth answer tokens (SFT loss)."""
+    if b.segment is None or b.inputs.input_ids is None:
+        raise ValueError("granularity='network' needs input_ids and segment labels in every batch")
+    pos, labels = sft_targets(b.inputs.input_ids, b.inputs.token_mask, b.segment.to(b.inputs.input_ids.device))
+
+    def loss(h: torch.Tensor) -> torch.Tensor:
+        if not pos.any():
+            return h.new_zeros(())
+        h = adapter.mlp_block(layer, h)
+        for later in network.layers:
+            h = adapter.run_layer(later, h, b.inputs)
+        logits = network.head(h[pos.to(h.device)])
+        return torch.nn.functional.cross_entropy(logits.float(), labels.to(h.device)[pos.to(h.device)], reduction="sum")
+
+    return loss
+
+
 @torch.no_grad()
 def quantize_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: LayerQuantConfig, *,
                    name: str = "layer", generator: torch.Generator | None = None,
                    file_g: dict[str, list[torch.Tensor]] | None = None,
-                   on_step: Callable[[str], None] | None = None) -> LayerOutcome:
+                   on_step: Callable[[str], None] | None = None,
+                   network: NetworkTail | None = None) -> LayerOutcome:
     """Quantize ``layer`` in place (its linears get the dequantized weights) and return the solver
     results and the importance factors. ``batches`` are not modified; propagate afterwards with
     ``adapter.run_layer``."""
     step = on_step or (lambda msg: None)
     linears = adapter.linears(layer)
-    if cfg.method == "vlmq":
+    if cfg.uses_importance:
         with torch.enable_grad():
-            outcome = layer_importance(adapter, layer, batches, cfg, generator=generator, file_g=file_g)
+            outcome = layer_importance(adapter, layer, batches, cfg, generator=generator, file_g=file_g,
+                                       network=network)
         step(f"{name}: importance ({cfg.importance}, rule {sorted(set(outcome.rules))})")
     else:
         outcome = LayerOutcome(results={})
+    if cfg.method in SCALE_METHODS:
+        sens = mbq_loss_weights(outcome, batches) if cfg.method == "mbq" else None
+        outcome.info["scales"], outcome.fp_params = scale_layer(adapter, layer, batches, cfg,
+                                                                loss_weights=sens, name=name)
+        step(f"{name}: {cfg.method} scales folded (alpha "
+             f"{[v.get('alpha') for v in outcome.info['scales'].values()]})")
     solver_method = cfg.solver_method
     kw = dict(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, act_order=cfg.act_order,
               damp=cfg.damp, method=solver_method, block_size=cfg.block_size)
+    vlm_ptq = cfg.method in VLM_PTQ_METHODS
+    if vlm_ptq:
+        from vlmq.vlm_ptq import clip_ratios
+
+        kw.update(target=cfg.vlm_ptq_target, clip_ratios=clip_ratios(cfg.vlm_ptq_grid, cfg.vlm_ptq_max_shrink))
     if solver_method == "rtn":
         for lname, lin in linears.items():
             res = solve(lin.weight.data, None, name=f"{name}.{lname}", **kw)
@@ -182,6 +310,11 @@ def quantize_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: La
         accs = {ln: HessianAccumulator(linears[ln].in_features, residual=(solver_method == "gptaq"),
                                        name=f"{name}.{ln}", device=linears[ln].weight.device)
                 for ln in subset}
+        if vlm_ptq:
+            from vlmq.vlm_ptq import ModalityChannelStats
+
+            chans = {ln: ModalityChannelStats(linears[ln].in_features, name=f"{name}.{ln}",
+                                              device=linears[ln].weight.device) for ln in subset}
         for bi, b in enumerate(batches):
             mask = b.inputs.token_mask.to(b.x_hat.device)
             x_in, h1 = _capture_inputs({ln: fp_linears[ln] for ln in subset})
@@ -196,14 +329,86 @@ def quantize_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: La
             for ln in subset:
                 short = ln.rsplit(".", 1)[1]
                 g = None
-                if cfg.method == "vlmq" and short in cfg.enhance:
+                if cfg.method in ("vlmq", "vlmq+vlm_ptq") and short in cfg.enhance:
                     g = outcome.g[short][bi].to(mask.device)[mask]
                 x = x_in[ln][mask] if solver_method == "gptaq" else None
                 accs[ln].add(xh_in[ln][mask], x, g)
+                if vlm_ptq:
+                    chans[ln].add(xh_in[ln][mask], b.modality.to(mask.device)[mask], g)
         for ln in subset:
-            res = solve(linears[ln].weight.data, accs[ln].finalize(), name=f"{name}.{ln}", **kw)
+            extra = {}
+            if vlm_ptq:
+                extra["channel_importance"] = chans[ln].importance(cfg.vlm_ptq_vision_weight)
+            res = solve(linears[ln].weight.data, accs[ln].finalize(), name=f"{name}.{ln}", **kw, **extra)
             adapter.set_weight(layer, ln, res.dequant)
             outcome.results[ln] = res
+            if vlm_ptq:
+                r = res.clip_ratio
+                outcome.info.setdefault("clip", {})[ln] = {"mean_ratio": float(r.mean()),
+                                                           "clipped_fraction": float((r < 1.0).double().mean())}
         step(f"{name}: solved {', '.join(s.rsplit('.', 1)[1] for s in subset)} ({solver_method})")
     del fp_layer
     return outcome
+
+
+# ----------------------------------------------------------------------------- AWQ / MBQ
+def mbq_loss_weights(outcome: LayerOutcome, batches: list[CalibBatch]) -> dict[str, dict[str, float]]:
+    """MBQ's modality sensitivities per linear: the mean g over the text and over the vision tokens
+    (:func:`vlmq.awq.modality_sensitivity`). q/k/v/o use their own g; the MLP linears use o_proj's,
+    the gradient of the block loss at the attention block's output (the MLP's input stream)."""
+    from vlmq.awq import modality_sensitivity
+
+    mods = [b.modality for b in batches]
+    masks = [b.inputs.token_mask for b in batches]
+    per_proj = {n: modality_sensitivity(outcome.g[n], mods, masks) for n in PROJECTIONS if outcome.g.get(n)}
+    fallback = per_proj.get("o_proj", {"text": 1.0, "vision": 1.0})
+    out = {}
+    for subset in SUBSETS:
+        for ln in subset:
+            out[ln] = per_proj.get(ln.rsplit(".", 1)[1], fallback)
+    return out
+
+
+@torch.no_grad()
+def scale_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: LayerQuantConfig, *,
+                loss_weights: dict[str, dict[str, float]] | None = None,
+                name: str = "layer") -> tuple[dict, dict[str, torch.Tensor]]:
+    """AWQ (``loss_weights`` None) / MBQ: for each input-sharing group in forward order, stream the
+    group's X̂ inputs through the (still FP) layer, search α (:func:`vlmq.awq.search_scales`) and
+    fold the scales into the op before the group (:meth:`ModelAdapter.fold_input_scales`). The
+    layer's FP function is unchanged; its linears then hold W diag(s) for RTN. Returns the search
+    record per group and the changed non-quantized parameters (name -> tensor)."""
+    from vlmq.awq import ScaleStatsAccumulator, search_scales
+
+    linears = adapter.linears(layer)
+    info, changed = {}, []
+    by_modality = loss_weights is not None
+    for subset in SUBSETS:
+        key = ",".join(ln.rsplit(".", 1)[1] for ln in subset)
+        op = adapter.scale_fold_op(layer, subset)
+        if op is None:
+            info[key] = {"alpha": None, "skipped": "no exact fold (grouped-query attention)"}
+            continue
+        first = linears[subset[0]]
+        acc = ScaleStatsAccumulator(first.in_features, by_modality=by_modality, name=f"{name}.{subset[0]}",
+                                    device=first.weight.device)
+        for b in batches:
+            mask = b.inputs.token_mask.to(b.x_hat.device)
+            xin, hs = _capture_inputs({subset[0]: first})
+            try:
+                adapter.run_layer(layer, b.x_hat, b.inputs)
+            finally:
+                for h in hs:
+                    h.remove()
+            acc.add(xin[subset[0]][mask], b.modality.to(mask.device)[mask] if by_modality else None)
+        res = search_scales({ln: linears[ln].weight.data for ln in subset}, acc.finalize(), bits=cfg.bits,
+                            group_size=cfg.group_size, sym=cfg.sym, n_grid=cfg.awq_grid,
+                            loss_weights=None if loss_weights is None else {ln: loss_weights[ln] for ln in subset})
+        changed += adapter.fold_input_scales(layer, subset, res.scales)
+        info[key] = {"alpha": res.alpha, "loss": res.loss, "loss_rtn": res.losses[0], "fold": op[0]}
+        if loss_weights is not None:
+            info[key]["sensitivity"] = {ln.rsplit(".", 1)[1]: loss_weights[ln] for ln in subset}
+    params = {}
+    for pname in dict.fromkeys(changed):
+        params[pname] = layer.get_parameter(pname).detach().cpu().clone()
+    return info, params

@@ -23,6 +23,12 @@ Each column is rounded at its conditional optimum given the columns already fixe
 greedy step of the GPTAQ paper's closed form (Eq. 8) without its reference code's ad-hoc 0.25
 scaling of the residual term.
 
+VLM-PTQ (docs/vlm_ptq.md) adds two options to the same loop: ``target`` ("corrected", the default
+and what the loop always did: each column is rounded at its conditional optimum, which includes
+its residual-induced shift; "uncorrected": rounded where the symmetric objective would put it, the
+ablation) and a per-group clipping search weighted by a channel importance (``clip_ratios``,
+``channel_importance``; :func:`vlmq.vlm_ptq.search_group_params`).
+
 act_order permutes columns by descending diag(H) (stable sort) and forms groups over consecutive
 columns of that order (dynamic groups, ``static_groups`` off), recording ``g_idx``. The blocked
 loop keeps every group inside one lazy-update block, so group parameters are always computed from
@@ -47,6 +53,7 @@ from vlmq.quant import (
     n_groups,
     rtn,
 )
+from vlmq.vlm_ptq import TARGETS, check_ratios, search_group_params
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,7 @@ class QuantResult:
     method: str
     perm: torch.Tensor | None = None
     damp_used: float | None = None
+    clip_ratio: torch.Tensor | None = None  # [out, n_groups] chosen clipping ratio (clip search only)
 
 
 def _check_options(bits, group_size, method, damp, block_size):
@@ -146,17 +154,47 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float, name: str):
         f"{name}: Hessian is not positive definite even with damp={rel / 10:g} (inputs degenerate?)")
 
 
+def _check_vlm_ptq(target, channel_importance, clip_ratios, method, in_f, name):
+    if target not in TARGETS:
+        raise ValueError(f"{name}: target={target!r} must be one of {', '.join(TARGETS)}")
+    if clip_ratios is not None:
+        if method == "rtn":
+            raise ValueError(f"{name}: clip_ratios needs method 'gptq' or 'gptaq' (got method='rtn')")
+        try:
+            check_ratios(clip_ratios)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    if channel_importance is not None:
+        if clip_ratios is None:
+            raise ValueError(f"{name}: channel_importance is only used with clip_ratios (the clipping search)")
+        if not isinstance(channel_importance, torch.Tensor) or channel_importance.shape != (in_f,):
+            shape = list(channel_importance.shape) if isinstance(channel_importance, torch.Tensor) \
+                else type(channel_importance).__name__
+            raise ValueError(f"{name}: channel_importance must have shape [{in_f}] (one per input channel), got {shape}")
+        if not torch.isfinite(channel_importance).all() or (channel_importance < 0).any():
+            raise ValueError(f"{name}: channel_importance must be finite and >= 0")
+
+
 def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, group_size: int = 128,
           sym: bool = False, act_order: bool = True, damp: float = 0.01, method: str = "gptq",
-          block_size: int = 128, name: str = "weight") -> QuantResult:
+          block_size: int = 128, name: str = "weight", target: str = "corrected",
+          channel_importance: torch.Tensor | None = None, clip_ratios=None) -> QuantResult:
     """Quantize ``weight`` [out, in] given accumulated statistics (see module docstring).
 
     ``method="gptaq"`` uses ``stats.D`` (the residual cross term); ``"gptq"`` ignores it;
     ``"rtn"`` ignores ``stats`` entirely. The solve runs in float32 (float64 when ``weight`` is
     float64, which is how the tests compare it with the float64 oracle).
+
+    VLM-PTQ options (docs/vlm_ptq.md): ``target="corrected"`` (default) rounds every column at its
+    conditional optimum, residual shift included; ``"uncorrected"`` at the conditional optimum of
+    the symmetric objective (the shift removed; identical for GPTQ, where there is none), with the
+    error still compensated for the asymmetric objective. ``clip_ratios`` (ratios in (0, 1]): each
+    group's parameters come from the ratio with the least ``channel_importance``-weighted error
+    (None = uniform importance) instead of the plain min/max range.
     """
     _check_options(bits, group_size, method, damp, block_size)
     _check_weight(weight, name)
+    _check_vlm_ptq(target, channel_importance, clip_ratios, method, weight.shape[1], name)
     if method == "rtn":
         q, s, z, g_idx = rtn(weight, bits, group_size, sym)
         return QuantResult(dequant=dequantize(q, s, z, g_idx), int_weight=q, scales=s, zeros=z,
@@ -186,13 +224,26 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
 
     # Column-major work layout: row j of Wt is input column j (contiguous for the column loop).
     Wt = W.T.contiguous()
+    St = None  # residual shift W* − W, carried to each column's conditional value ("uncorrected")
     if method == "gptaq":
         D = stats.D.to(device=dev, dtype=cdtype)
         if perm is not None:
             D = D[perm][:, perm]
         # W* = W + W D H_λ⁻¹  →  W*ᵀ = Wᵀ + H_λ⁻¹ Dᵀ Wᵀ, with H_λ⁻¹ = Uᵀ U
-        Wt += U.T @ (U @ (D.T @ Wt))
+        shift = U.T @ (U @ (D.T @ Wt))
+        Wt += shift
+        if target == "uncorrected":
+            St = shift
+            St[dead] = 0.0
+        del shift
     Wt[dead] = 0.0
+    imp = None
+    if clip_ratios is not None:
+        ratios = check_ratios(clip_ratios)
+        if channel_importance is not None:
+            imp = channel_importance.detach().to(device=dev, dtype=cdtype)
+            if perm is not None:
+                imp = imp[perm]
 
     gs = in_f if group_size == -1 else group_size
     bs = gs * max(1, block_size // gs) if gs <= block_size else gs
@@ -202,26 +253,45 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
     DQt = torch.empty_like(Wt)
     scales = torch.empty(ng, out_f, dtype=cdtype, device=dev)
     zeros = torch.empty(ng, out_f, dtype=cdtype, device=dev)
+    chosen = torch.empty(ng, out_f, dtype=cdtype, device=dev) if clip_ratios is not None else None
     s = z = None
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
         W1 = Wt[i1:i2]  # view: updated in place
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
+        S1 = SErr1 = None
+        if St is not None:
+            S1 = St[i1:i2]
+            SErr1 = torch.empty_like(S1)
         for i in range(i2 - i1):
             col = i1 + i
             if col % gs == 0:
-                s, z = affine_params(W1[i:i + gs].T, bits, sym)
+                # the values this group is rounded from: the conditional optimum (corrected target),
+                # or the same without its residual shift (uncorrected)
+                grp = (W1[i:i + gs] if S1 is None else W1[i:i + gs] - S1[i:i + gs]).T
+                if clip_ratios is None:
+                    s, z = affine_params(grp, bits, sym)
+                else:
+                    s, z, r = search_group_params(grp, None if imp is None else imp[col:col + gs], bits, sym, ratios)
+                    chosen[col // gs] = r
                 scales[col // gs], zeros[col // gs] = s, z
             w, q, dq, err = W1[i], Qt[col], DQt[col], Err1[i]
             # q = clamp(round(w / s) + z, 0, maxq); dq = s (q − z); err = (w − dq) / U_ii — in place
-            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
+            torch.div(w if S1 is None else w - S1[i], s, out=q).round_().add_(z).clamp_(0, maxq)
             torch.sub(q, z, out=dq).mul_(s)
             torch.sub(w, dq, out=err).div_(U1[i, i])
+            if S1 is not None:
+                # the shift's conditional value given the fixed columns: the same OBS step with q = 0
+                torch.div(S1[i], U1[i, i], out=SErr1[i])
             if i + 1 < i2 - i1:
                 W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
+                if S1 is not None:
+                    S1[i + 1:].addr_(U1[i, i + 1:], SErr1[i], alpha=-1.0)
         if i2 < in_f:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
+            if St is not None:
+                St[i2:].addmm_(U[i1:i2, i2:].T, SErr1, alpha=-1.0)
 
     int_weight = Qt.T
     dequant = DQt.T
@@ -237,25 +307,30 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
         g_idx=group_index(in_f, group_size, perm.cpu() if perm is not None else None).to(dev),
         bits=bits, group_size=group_size, sym=sym, method=method,
         perm=perm, damp_used=damp_used,
+        clip_ratio=None if chosen is None else chosen.T.contiguous(),
     )
 
 
 def quantize_weight(weight: torch.Tensor, inputs: torch.Tensor | None, *, fp_inputs: torch.Tensor | None = None,
                     token_weights: torch.Tensor | None = None, bits: int = 4, group_size: int = 128,
                     sym: bool = False, act_order: bool = True, damp: float = 0.01, method: str = "gptq",
-                    block_size: int = 128, chunk_tokens: int = 8192, name: str = "weight") -> QuantResult:
+                    block_size: int = 128, chunk_tokens: int = 8192, name: str = "weight",
+                    target: str = "corrected", channel_importance: torch.Tensor | None = None,
+                    clip_ratios=None) -> QuantResult:
     """Quantize ``weight`` [out, in] from calibration inputs.
 
     ``inputs`` [tokens, in]: inputs of the layer on the quantized path (X̂); ``fp_inputs``
     [tokens, in]: full-precision inputs X (required for ``method="gptaq"``); ``token_weights``
     [tokens]: importance g per token (VLMQ; None = uniform). Statistics are accumulated in chunks
-    of ``chunk_tokens`` tokens (:class:`vlmq.hessian.HessianAccumulator`), then :func:`solve`.
+    of ``chunk_tokens`` tokens (:class:`vlmq.hessian.HessianAccumulator`), then :func:`solve`
+    (``target``, ``channel_importance``, ``clip_ratios``: the VLM-PTQ options of :func:`solve`).
     """
     _check_options(bits, group_size, method, damp, block_size)
     _check_weight(weight, name)
+    _check_vlm_ptq(target, channel_importance, clip_ratios, method, weight.shape[1], name)
     if method == "rtn":
         return solve(weight, None, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                     damp=damp, method=method, block_size=block_size, name=name)
+                     damp=damp, method=method, block_size=block_size, name=name, target=target)
     if inputs is None:
         raise ValueError(f"{name}: inputs are required for method={method!r}")
     if method == "gptaq" and fp_inputs is None:
@@ -278,4 +353,5 @@ def quantize_weight(weight: torch.Tensor, inputs: torch.Tensor | None, *, fp_inp
         b = a + chunk_tokens
         acc.add(x_hat[a:b], None if x is None or method != "gptaq" else x[a:b], None if g is None else g[a:b])
     return solve(weight, acc.finalize(), bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                 damp=damp, method=method, block_size=block_size, name=name)
+                 damp=damp, method=method, block_size=block_size, name=name, target=target,
+                 channel_importance=channel_importance, clip_ratios=clip_ratios)

@@ -79,6 +79,15 @@ class ModelAdapter:
         MLP_LINEARS[2:],
     )
 
+    #: AWQ/MBQ: the op before each input-sharing group, into which per-input-channel scales fold
+    #: (an RMSNorm's weight, or the rows of a linear whose outputs are the group's inputs).
+    scale_fold_ops: ClassVar[dict[tuple[str, ...], str]] = {
+        ATTN_LINEARS[:3]: "input_layernorm",
+        ATTN_LINEARS[3:]: "self_attn.v_proj",    # attention output channel = value channel (MHA only)
+        MLP_LINEARS[:2]: "post_attention_layernorm",
+        MLP_LINEARS[2:]: "mlp.up_proj",          # down's input = act(gate(x)) * up(x)
+    }
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r})"
 
@@ -163,6 +172,48 @@ class ModelAdapter:
         if tuple(weight.shape) != tuple(linear.weight.shape):
             raise ValueError(f"{name}: weight shape {tuple(weight.shape)} != {tuple(linear.weight.shape)}")
         linear.weight.data.copy_(weight.to(device=linear.weight.device, dtype=linear.weight.dtype))
+
+    # ------------------------------------------------------------------ scale folding (AWQ / MBQ)
+    def scale_fold_op(self, layer: nn.Module, subset: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+        """``(name, module)`` of the op that per-input-channel scales of ``subset`` fold into, or
+        None where no exact fold exists: ``o_proj`` after grouped-query attention (a value channel
+        feeds several heads' output channels, so v_proj rows cannot carry one scale per o_proj
+        input)."""
+        name = self.scale_fold_ops.get(tuple(subset))
+        if name is None:
+            raise KeyError(f"{list(subset)} is not an input-sharing group; expected one of "
+                           f"{[list(k) for k in self.scale_fold_ops]}")
+        module = layer.get_submodule(name)
+        in_f = self.get_linear(layer, subset[0]).in_features
+        if isinstance(module, nn.Linear):
+            return (name, module) if module.out_features == in_f else None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (in_f,):
+            return None
+        return name, module
+
+    @torch.no_grad()
+    def fold_input_scales(self, layer: nn.Module, subset: tuple[str, ...], s: torch.Tensor) -> list[str]:
+        """Fold ``diag(s)`` into ``subset``'s weights and ``diag(s)⁻¹`` into the op before them
+        (:meth:`scale_fold_op`); the layer's full-precision function is unchanged. Returns the
+        names of the changed parameters that are not quantized weights (``input_layernorm.weight``,
+        ``self_attn.v_proj.bias``, ...): they must be saved with the quantized state."""
+        from vlmq.awq import fold_into_linear, fold_into_norm
+
+        op = self.scale_fold_op(layer, subset)
+        if op is None:
+            raise ValueError(f"{list(subset)}: no exact fold for per-channel scales (grouped-query attention)")
+        name, module = op
+        linears = [self.get_linear(layer, n) for n in subset]
+        s = s.to(device=linears[0].weight.device)
+        if isinstance(module, nn.Linear):
+            fold_into_linear(module, linears, s)
+            changed = [] if module.bias is None else [f"{name}.bias"]
+            if name not in self.linear_names:
+                changed.append(f"{name}.weight")
+            return changed
+        fold_into_norm(module, linears, s)
+        return [f"{name}.weight"]
 
     # ------------------------------------------------------------------ inputs
     def input_device(self, model: nn.Module) -> torch.device:
