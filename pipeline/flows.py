@@ -46,18 +46,25 @@ def quantize_flow(params_path: str | Path | None = None) -> dict:
 @flow(name="vlmq-pipeline", log_prints=True, validate_parameters=False)
 def pipeline_flow(params_path: str | Path | None = None, skip: tuple[str, ...] = ()) -> dict:
     """The whole chain without DVC, each stage a subflow in DAG order (the same order as
-    ``dvc.yaml``): prepare_calib → cache_fp → quantize → pack → latency → evaluate → report.
+    ``dvc.yaml``): [demo_data →] prepare_calib → cache_fp → quantize → pack → latency → evaluate →
+    report. ``demo_data`` runs only when the calibration source or the demo eval file is missing.
 
     ``python -m pipeline.flows [--skip latency ...]``. Unlike ``dvc repro`` it reruns every stage
     (quantize still resumes finished layers of an unchanged configuration)."""
     from stages.cache_fp import cache_fp
+    from stages.demo_data import main as demo_data
     from stages.evaluate import evaluate
     from stages.latency import latency
     from stages.pack import pack
     from stages.prepare_calib import prepare_calib
     from stages.report import report
 
+    from stages.params import load_params
+
+    params = load_params(params_path)
+    missing = [f for f in (params.calib.source, params.eval.demo_eval) if not Path(f).exists()]
     chain: list[tuple[str, Callable[[], Any]]] = [
+        ("demo_data", lambda: run_stage("demo_data", demo_data, params_path)),
         ("prepare_calib", lambda: run_stage("prepare_calib", prepare_calib, params_path)),
         ("cache_fp", lambda: run_stage("cache_fp", cache_fp, params_path)),
         ("quantize", lambda: quantize_flow(params_path) if _prefect_enabled() else _quantize_plain(params_path)),
@@ -66,7 +73,9 @@ def pipeline_flow(params_path: str | Path | None = None, skip: tuple[str, ...] =
         ("evaluate", lambda: run_stage("evaluate", evaluate, params_path)),
         ("report", lambda: run_stage("report", report)),
     ]
-    unknown = set(skip) - {n for n, _ in chain}
+    if not missing:
+        chain = chain[1:]  # the demo splits are there (or a real model's data is used)
+    unknown = set(skip) - {n for n, _ in chain} - {"demo_data"}
     if unknown:
         raise ValueError(f"skip: unknown stage(s) {sorted(unknown)}; stages are {[n for n, _ in chain]}")
     seconds: dict[str, float] = {}

@@ -22,8 +22,8 @@ def scene_spec(p: DemoParams) -> SceneSpec:
                      min_code=d.min_code, max_code=d.max_code, jitter=d.jitter)
 
 
-def main() -> None:
-    p = load_params().demo
+def main(params_path: str | Path | None = None) -> None:
+    p = load_params(params_path).demo
     t0 = time.time()
     paths = build_splits(Path(p.out_dir), p.data.seed, p.data.n_train, p.data.n_calib, p.data.eval_per_skill,
                          scene_spec(p))

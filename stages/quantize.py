@@ -340,9 +340,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=None)
     a = ap.parse_args(argv)
-    from pipeline.flows import quantize_flow
+    from pipeline.flows import _prefect_enabled, quantize_flow
 
-    quantize_flow(a.params)
+    if _prefect_enabled():
+        quantize_flow(a.params)
+    else:  # VLMQ_NO_PREFECT=1: the same loop without Prefect
+        quantize(a.params)
 
 
 if __name__ == "__main__":

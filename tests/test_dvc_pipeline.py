@@ -85,6 +85,16 @@ def test_dvc_repro_tiny_chain(tmp_path, tiny_vlm):
     assert ran(third) == ["evaluate", "report"], third[-3000:]
     assert "up to date" in sh(dvc + ["status"], repo, env)
 
+    # the same chain as one flow without DVC (pipeline.flows), stage by stage in DAG order
+    (repo / "reports/summary.md").unlink()
+    out = sh([sys.executable, "-m", "pipeline.flows", "--skip", "latency"], repo, env)
+    done = re.findall(r"pipeline: (\w+) finished", out)
+    assert done == ["prepare_calib", "cache_fp", "quantize", "pack", "evaluate", "report"], out[-3000:]
+    assert (repo / "reports/summary.md").is_file()
+    r = subprocess.run([sys.executable, "-m", "pipeline.flows", "--skip", "latncy"], cwd=repo, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "latncy" in r.stderr
+
 
 def test_killed_repro_resumes_and_exp_run_set_param(tmp_path, tiny_vlm):
     """SIGKILL `dvc repro` once quantize has finished layer 0; the next `dvc repro` resumes after it and
