@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 
 def _prefect_enabled() -> bool:
@@ -38,8 +39,10 @@ def quantize_flow(params_path: str | Path | None = None) -> dict:
     params = load_params(params_path)
     t0 = time.perf_counter()
     run = QuantizeRun(params)
-    for l in run.todo():
-        task(run.step, name=f"layer-{l:03d}", task_run_name=f"layer-{l:03d}")(l)
+    for l in run.todo():  # two tasks per layer: importance (step 1), solve + propagate (steps 2-3)
+        work = task(run.importance_step, name="importance", task_run_name=f"layer-{l:03d}-importance",
+                    cache_policy=NO_CACHE)(l)
+        task(run.solve_step, name="solve", task_run_name=f"layer-{l:03d}-solve", cache_policy=NO_CACHE)(l, work)
     return run.finish(time.perf_counter() - t0)
 
 

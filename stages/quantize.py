@@ -254,7 +254,12 @@ class QuantizeRun:
 
     def step(self, l: int) -> dict:
         """Importance + solve of layer ``l``, then propagate X̂; writes the layer's artifacts."""
-        from vlmq.quantize import CalibBatch, NetworkTail, quantize_layer
+        return self.solve_step(l, self.importance_step(l))
+
+    def importance_step(self, l: int) -> dict:
+        """Step 1 of Algorithm 1 for layer ``l`` (token importance G; nothing for methods without
+        it). Returns the work item :meth:`solve_step` continues from."""
+        from vlmq.quantize import CalibBatch, NetworkTail, layer_importance
 
         t0 = time.perf_counter()
         layer = self.layers[l].to(self.device)
@@ -262,23 +267,40 @@ class QuantizeRun:
         batches = [CalibBatch(inputs=c.to(self.device), x_fp=xf.to(self.device), x_hat=xh.to(self.device),
                               modality=lab["modality"].to(self.device), segment=lab["segment"].to(self.device))
                    for (c, lab), xf, xh in zip(self.ctx, x_fp, self.x_hat)]
-        network, moved = None, []
-        if self.cfg.uses_importance and self.cfg.importance == "gradient" and self.cfg.granularity == "network":
-            # L_Network: X̂ of this layer runs through the later (still FP) layers and the head
-            moved = self.layers[l + 1:] + [self.adapter.final_norm(self.model), self.adapter.lm_head(self.model)]
-            for m in moved:
-                m.to(self.device)
-            network = NetworkTail(layers=self.layers[l + 1:], head=lambda h: self.adapter.logits(self.model, h))
         gen = torch.Generator().manual_seed(self.params.seed * 100_003 + l)
-        file_g = None
-        if self.cfg.uses_importance and self.cfg.importance == "file":
-            if not self.params.importance.file:
-                raise ValueError("importance.source is 'file' but importance.file is not set")
-            file_g = read_file_importance(Path(self.params.importance.file), l, self.ctx)
-        outcome = quantize_layer(self.adapter, layer, batches, self.cfg, name=f"layers.{l}", generator=gen,
-                                 file_g=file_g, on_step=lambda m: self.log.info("quantize: %s", m), network=network)
-        for m in moved:
-            m.to("cpu")
+        outcome = None
+        if self.cfg.uses_importance:
+            network, moved = None, []
+            if self.cfg.importance == "gradient" and self.cfg.granularity == "network":
+                # L_Network: X̂ of this layer runs through the later (still FP) layers and the head
+                moved = self.layers[l + 1:] + [self.adapter.final_norm(self.model), self.adapter.lm_head(self.model)]
+                for m in moved:
+                    m.to(self.device)
+                network = NetworkTail(layers=self.layers[l + 1:], head=lambda h: self.adapter.logits(self.model, h))
+            file_g = None
+            if self.cfg.importance == "file":
+                if not self.params.importance.file:
+                    raise ValueError("importance.source is 'file' but importance.file is not set")
+                file_g = read_file_importance(Path(self.params.importance.file), l, self.ctx)
+            with torch.enable_grad():
+                outcome = layer_importance(self.adapter, layer, batches, self.cfg, generator=gen, file_g=file_g,
+                                           network=network)
+            for m in moved:
+                m.to("cpu")
+            self.log.info("quantize: layers.%d: importance (%s, rule %s)", l, self.cfg.importance,
+                          sorted(set(outcome.rules)))
+        return {"layer": l, "batches": batches, "importance": outcome, "generator": gen, "t0": t0}
+
+    def solve_step(self, l: int, work: dict) -> dict:
+        """Steps 2-3 for layer ``l``: solve every linear, propagate X̂, write the artifacts."""
+        from vlmq.quantize import quantize_layer
+
+        if work["layer"] != l:
+            raise ValueError(f"solve_step({l}) got the importance of layer {work['layer']}")
+        t0, batches, layer = work["t0"], work["batches"], self.layers[l]
+        outcome = quantize_layer(self.adapter, layer, batches, self.cfg, name=f"layers.{l}",
+                                 generator=work["generator"], importance=work["importance"],
+                                 on_step=lambda m: self.log.info("quantize: %s", m))
         with torch.no_grad():
             x_next = [self.adapter.run_layer(layer, b.x_hat, b.inputs).cpu() for b in batches]
         self.layers[l].to("cpu")

@@ -150,3 +150,26 @@ def test_prepare_calib_skips_corrupt_and_overlong_samples(workdir, tiny_vlm, cap
     out = pd.read_parquet("data/calib/calib.parquet")
     assert s["skipped"]["vision_truncated"] == 0 and out["truncated"].all()
     assert (out["n_tokens"] == max_len).all() and out["n_vision"].tolist() == full["n_vision"].tolist()
+
+
+def test_quantize_flow_two_tasks_per_layer_same_result(workdir, tiny_vlm, prefect_harness, monkeypatch):
+    """The Prefect quantize flow runs one importance and one solve task per layer and writes what
+    the plain loop writes, bit for bit."""
+    from prefect.client.orchestration import get_client
+
+    from pipeline.flows import quantize_flow
+    from stages.quantize import quantize
+
+    p = run_front(workdir, tiny_vlm)
+    quantize(p)
+    plain = solved(Path("data/quantize"))
+    import shutil
+
+    shutil.rmtree("data/quantize")
+    monkeypatch.setenv("VLMQ_NO_PREFECT", "0")
+    quantize_flow(p)
+    flowed = solved(Path("data/quantize"))
+    assert plain.keys() == flowed.keys() and all(torch.equal(plain[k], flowed[k]) for k in plain)
+    with get_client(sync_client=True) as client:
+        names = {t.name for t in client.read_task_runs()}
+    assert {"layer-000-importance", "layer-000-solve", "layer-001-importance", "layer-001-solve"} <= names

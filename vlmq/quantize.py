@@ -269,13 +269,17 @@ def quantize_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: La
                    name: str = "layer", generator: torch.Generator | None = None,
                    file_g: dict[str, list[torch.Tensor]] | None = None,
                    on_step: Callable[[str], None] | None = None,
-                   network: NetworkTail | None = None) -> LayerOutcome:
+                   network: NetworkTail | None = None,
+                   importance: LayerOutcome | None = None) -> LayerOutcome:
     """Quantize ``layer`` in place (its linears get the dequantized weights) and return the solver
     results and the importance factors. ``batches`` are not modified; propagate afterwards with
-    ``adapter.run_layer``."""
+    ``adapter.run_layer``. ``importance``: the result of :func:`layer_importance` for this layer
+    and these batches when the caller ran step 1 itself (else it is computed here)."""
     step = on_step or (lambda msg: None)
     linears = adapter.linears(layer)
-    if cfg.uses_importance:
+    if cfg.uses_importance and importance is not None:
+        outcome = importance
+    elif cfg.uses_importance:
         with torch.enable_grad():
             outcome = layer_importance(adapter, layer, batches, cfg, generator=generator, file_g=file_g,
                                        network=network)
