@@ -260,7 +260,7 @@ def latency_tables(latency_file: Path, pack_file: Path) -> str:
             raise ReportError(f"report: {latency_file} lacks '{key}'")
     m = lat["machine"]
     md += (f"\n## Latency (paper Table 11 shapes; {m.get('cpu')}, {m.get('torch_threads')} threads, "
-           f"memory bandwidth {m.get('memory_bandwidth_gbs')} GB/s)\n\n")
+           f"memory bandwidth {m.get('memory_bandwidth_gbs')} GB/s, cpu_fused kernel {m.get('kernel_isa', '?')})\n\n")
     md += "Median of the timed runs [p10, p90]; floor = bytes read / measured bandwidth; speed-up vs the fastest dense FP path of the same shape and batch.\n\n"
     md += "| shape (in, out) | batch | weights | backend | median ms [p10, p90] | floor ms | speed-up |\n|---|---|---|---|---|---|---|\n"
     res = lat["results"]

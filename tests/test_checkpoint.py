@@ -59,6 +59,96 @@ def test_unknown_backend_and_wrong_bits_backend_fail():
     odd.g_idx.copy_(torch.arange(128) // 48)
     with pytest.raises(ValueError, match="multiple of 32"):
         odd.prepare("cpu_fused")
+    one_group = QuantLinear(512, 32, 4, -1, False)  # aten's int4 kernel takes groups of 32..256 only
+    with pytest.raises(ValueError, match="group size of 32, 64, 128 or 256"):
+        one_group.prepare("aten_int4")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cpu_fused_every_instruction_set_matches_float64_reference(bits):
+    """Every copy of the kernel this CPU runs (AVX-512, AVX2, portable) against the float64
+    definition: random shapes (column tails of the 64-wide blocks), group sizes incl. one group,
+    act_order g_idx, both checkpoint formats, batches that hit the 4/2/1-row tiles and the 64-row
+    passes."""
+    from vlmq.kernels import ISAS, kernel_isas
+
+    isas = kernel_isas()
+    assert isas and isas[-1] == "generic" and set(isas) <= set(ISAS)
+    g = torch.Generator().manual_seed(zlib.crc32(f"isa{bits}".encode()))
+    cases = [(32, 128, 32, False, 1), (96, 256, 64, True, 3), (224, 384, 128, True, 6), (160, 256, -1, False, 17),
+             (64, 512, 128, False, 70), (288, 128, 64, True, 4),
+             (320, 512, 128, True, 16)]  # >= 2M weight-rows: the threaded path (2 threads below)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_isas(bits, isas, cases, g)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_isas(bits, isas, cases, g):
+    for out_f, in_f, gs, act_order, batch in cases:
+        W = torch.randn(out_f, in_f, generator=g)
+        q, s, z, g_idx = rtn(W, bits, gs)
+        if act_order:
+            g_idx = group_index(in_f, gs, torch.randperm(in_f, generator=g))
+        fmt = "gptq" if bool((z > 0).all()) and batch % 2 else "gptq_v2"
+        t = pack_linear(q, s, z, g_idx, bits, fmt)
+        ql = QuantLinear(in_f, out_f, bits, gs, False, fmt)
+        ql.load_state_dict(t, strict=False)
+        Wd = dequantize(q.double(), t["scales"].T.double(), z.double(), g_idx)
+        x = torch.randn(batch, in_f, generator=g) * torch.rand(in_f, generator=g) * 4  # uneven channels
+        ref = x.double() @ Wd.T
+        for isa in isas:
+            y = ql.prepare("cpu_fused", isa=isa)(x)
+            assert y.shape == (batch, out_f) and y.dtype == torch.float32
+            assert _rel(y, ref) < 1e-5, (isa, out_f, in_f, gs, act_order, batch, _rel(y, ref))
+        assert torch.equal(ql.prepare("cpu_fused", isa=None)(x), ql.prepare("cpu_fused", isa=isas[0])(x))
+
+
+def test_kernel_isa_override_auto_order_and_fallbacks(monkeypatch):
+    from vlmq.kernels import gptq_cpu, kernel_isa, kernel_isas
+
+    best = kernel_isas()[0]
+    monkeypatch.setenv("VLMQ_KERNEL_ISA", "generic")
+    assert kernel_isa() == "generic"
+    monkeypatch.setenv("VLMQ_KERNEL_ISA", "no-such-isa")
+    assert kernel_isa() == best
+    monkeypatch.delenv("VLMQ_KERNEL_ISA")
+    # auto = the measured fastest: the AVX-512 kernel beats aten_int4 at 4 bits, its other copies do not
+    order = available_backends(4)
+    assert order.index("cpu_fused") < order.index("aten_int4") if best == "avx512" else (
+        order.index("aten_int4") < order.index("cpu_fused"))
+    assert available_backends(3)[0] == "cpu_fused"
+    with pytest.raises(ValueError, match="isa='sse9'"):
+        QuantLinear(128, 32, 3, 64, False).prepare("cpu_fused", isa="sse9")
+    # the kernel checks its layout
+    with pytest.raises(RuntimeError, match="qw: contiguous int32"):
+        gptq_cpu().gptq_gemm(torch.zeros(1, 128), torch.zeros(1, 15, 64, dtype=torch.int32),
+                             torch.zeros(1, 2, 64, dtype=torch.float16), torch.zeros(1, 2, 64, dtype=torch.uint8),
+                             4, 64, 64)
+
+    # auto takes the first backend that accepts the layer; a refused one leaves the layer as it was
+    g = torch.Generator().manual_seed(3)
+    odd = QuantLinear(96, 32, 4, 48, False)  # groups of 48: neither cpu_fused nor aten_int4
+    q, s, z, g_idx = rtn(torch.randn(32, 96, generator=g), 4, 48)
+    odd.load_state_dict(pack_linear(q, s, z, g_idx, 4, "gptq_v2"), strict=False)
+    x = torch.randn(2, 96, generator=g)
+    ref = odd.prepare("reference")(x)
+    assert odd.prepare("auto").backend == "dequant"
+    with pytest.raises(ValueError, match="multiple of 32"):
+        odd.prepare("cpu_fused")
+    assert odd.backend == "dequant" and torch.allclose(odd(x), ref, rtol=1e-5, atol=1e-6)
+    # 8 bits in format gptq (v1) with a stored zero of 255 means z = 256: not a uint8 for the kernel
+    big = QuantLinear(64, 32, 8, 32, False, "gptq")
+    q = torch.randint(0, 256, (32, 64), generator=g, dtype=torch.int32)
+    t = pack_linear(q, torch.rand(32, 2, generator=g) * 0.01, torch.full((32, 2), 256), torch.arange(64) // 32, 8)
+    big.load_state_dict(t, strict=False)
+    ref = big.prepare("reference")(x[:, :64])
+    with pytest.raises(ValueError, match="uint8"):
+        big.prepare("cpu_fused")
+    assert big.prepare("auto").backend == "dequant"
+    assert torch.allclose(big(x[:, :64]), ref, rtol=1e-5, atol=1e-5)
 
 
 def _solved_rtn(model, adapter, bits, gs, act_order):
@@ -121,6 +211,9 @@ def test_pack_load_round_trip_logits(tiny_vlm, tmp_path, bits, act_order):
     assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["desc_act"] == act_order
+    from transformers import GPTQConfig
+
+    GPTQConfig.from_dict(dict(qc))  # transformers' own config class accepts it (GPTQ loading path)
     inputs = _inputs(tiny_vlm, processor)
     with torch.no_grad():
         ref = _fake_quant(model, adapter, solved)(**inputs).logits

@@ -69,7 +69,8 @@ def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, c
         "checkpoint_format": checkpoint_format,
         "block_name_to_quantize": block_name,
         "lm_head": False,
-        "damp_percent": None,
+        # no "damp_percent": transformers' GPTQConfig rejects null there (it checks 0 < damp < 1) and
+        # the loaders do not need it (the solver's damping is in reports/quantize)
         "meta": {"quantizer": [f"vlmq:{method}"]},
     }
 

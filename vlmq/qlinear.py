@@ -9,9 +9,14 @@ s[o, g_idx[i]]`` through one of these backends:
 * ``dequant`` — dequantize once at load time and keep the dense weight (in ``compute_dtype``):
   the fake-quantized model, no memory saving; a fallback that works for every bit width.
 * ``cpu_fused`` — 2/3/4/8 bits: the package's own compiled kernel (:mod:`vlmq.kernels`, built on
-  first use) that decodes the packed words in registers inside the matmul, float32 activations;
-  reads bits/32 of a float32 matmul's weight bytes. Needs contiguous groups whose size is a
-  multiple of 32 (act_order is handled by the same load-time permutation as ``aten_int4``).
+  first use) that decodes the packed words in registers inside the matmul, float32 activations and
+  accumulation; reads bits/32 of a float32 matmul's weight bytes (+ 3 bytes per group and output
+  for the fp16 scale and uint8 zero point). At load time the GPTQ words are cut into blocks of 64
+  output columns, each block contiguous over all inputs (the on-disk layout is unchanged). One
+  build holds AVX-512, AVX2 and portable copies; the best the CPU runs is used
+  (:func:`vlmq.kernels.kernel_isa`; ``prepare(..., isa=...)`` forces one). Needs contiguous groups
+  whose size is a multiple of 32 (act_order is handled by the same load-time permutation as
+  ``aten_int4``).
 * ``aten_int4`` — 4-bit only: PyTorch's CPU int4 weight-packed matmul
   (``aten._weight_int4pack_mm_for_cpu``, bf16 activations). GPTQ's integer zero point ``z`` maps
   to the kernel's float offset ``(8 − z)·s`` exactly, because ``(q − z)·s = (q − 8)·s + (8 − z)·s``.
@@ -19,7 +24,8 @@ s[o, g_idx[i]]`` through one of these backends:
   that every group is contiguous, and ``x`` is gathered by the same permutation at run time.
 
 :func:`available_backends` says which backends apply to a bit width on this machine, fastest
-first; ``backend="auto"`` picks the first.
+first (measured order, README "Packed checkpoints and kernels"); ``backend="auto"`` takes the
+first that accepts the layer.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch.nn.functional as F
 from vlmq.pack import unpack_linear
 
 BACKENDS = ("auto", "reference", "dequant", "aten_int4", "cpu_fused")
+KERNEL_BLOCK = 64  # output columns per block of the cpu_fused layout (NB in gptq_cpu.cpp)
 
 
 def _has_cpu_fused() -> bool:
@@ -45,14 +52,28 @@ def _has_aten_int4() -> bool:
 
 
 def available_backends(bits: int, device: str = "cpu") -> list[str]:
-    """Backends that can run ``bits``-bit weights on ``device``, fastest first."""
+    """Backends that can run ``bits``-bit weights on ``device``, fastest first.
+
+    The order is the one measured at batch 1 (README): ``cpu_fused`` with AVX-512 beats
+    ``aten_int4`` at 4 bits; its AVX2 and portable copies do not, so at 4 bits they come after it.
+    """
     out = []
-    if device == "cpu":  # order from reports/latency.json on the development machine (README)
-        if bits == 4 and _has_aten_int4():
+    if device == "cpu":
+        aten = bits == 4 and _has_aten_int4()
+        fused = _has_cpu_fused()
+        if fused and (not aten or _kernel_isa() == "avx512"):
+            out.append("cpu_fused")
+        if aten:
             out.append("aten_int4")
-        if _has_cpu_fused():
+        if fused and "cpu_fused" not in out:
             out.append("cpu_fused")
     return out + ["dequant", "reference"]
+
+
+def _kernel_isa() -> str | None:
+    from vlmq.kernels import kernel_isa
+
+    return kernel_isa()
 
 
 class QuantLinear(nn.Module):
@@ -89,28 +110,50 @@ class QuantLinear(nn.Module):
         return (q.float() - z.float()[:, gi]) * s[:, gi]
 
     @torch.no_grad()
-    def prepare(self, backend: str = "auto", compute_dtype: torch.dtype | None = None) -> "QuantLinear":
-        """Convert the stored tensors to ``backend``'s layout (once, after loading)."""
+    def prepare(self, backend: str = "auto", compute_dtype: torch.dtype | None = None,
+                isa: str | None = None) -> "QuantLinear":
+        """Convert the stored tensors to ``backend``'s layout (once, after loading).
+
+        ``auto`` tries :func:`available_backends` in order and takes the first one that accepts this
+        layer (e.g. ``cpu_fused`` and ``aten_int4`` need equal groups of a multiple of 32 columns).
+        ``isa`` (``cpu_fused`` only): force the kernel's instruction set (``avx512``, ``avx2``,
+        ``generic``; default: the best this CPU runs, :func:`vlmq.kernels.kernel_isa`).
+        """
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         ok = available_backends(self.bits, self.qweight.device.type)
         if backend == "auto":
-            backend = ok[0]
+            for cand in ok:
+                try:
+                    return self.prepare(cand, compute_dtype, isa)
+                except ValueError:
+                    if cand == ok[-1]:
+                        raise
         elif backend not in ok:
             raise ValueError(f"backend {backend!r} cannot run {self.bits}-bit weights on "
                              f"{self.qweight.device.type}; available: {ok}")
-        self._prepared = {}
+        if isa is not None and backend == "cpu_fused":
+            from vlmq.kernels import kernel_isas
+
+            if isa not in kernel_isas():
+                raise ValueError(f"isa={isa!r} is not available here; available: {kernel_isas()}")
+        prepared: dict[str, torch.Tensor] = {}  # built first: a layout error leaves the layer as it was
+        group = self.in_features if self.group_size == -1 else self.group_size
         if backend == "dequant":
-            self.compute_dtype = compute_dtype or torch.float32
-            self._prepared["weight"] = self.dequantized().to(self.compute_dtype)
+            dtype = compute_dtype or torch.float32
+            prepared["weight"] = self.dequantized().to(dtype)
         elif backend == "cpu_fused":
-            self.compute_dtype = torch.float32
-            self._prepared.update(_cpu_fused_prepare(*self.unpacked(), self.group_size, self.bits, self.qweight))
-            self._group = self.in_features if self.group_size == -1 else self.group_size
+            from vlmq.kernels import kernel_isa
+
+            dtype = torch.float32
+            prepared.update(_cpu_fused_prepare(*self.unpacked(), self.group_size, self.bits, self.qweight))
+            self._isa = isa or kernel_isa()
         elif backend == "aten_int4":
-            self.compute_dtype = torch.bfloat16
-            self._prepared.update(_aten_int4_prepare(*self.unpacked(), self.group_size))
-            self._group = self.in_features if self.group_size == -1 else self.group_size
+            dtype = torch.bfloat16
+            prepared.update(_aten_int4_prepare(*self.unpacked(), self.group_size))
+        else:
+            dtype = self.compute_dtype
+        self._prepared, self._group, self.compute_dtype = prepared, group, dtype
         self.backend = backend
         return self
 
@@ -130,7 +173,8 @@ class QuantLinear(nn.Module):
         if self.backend == "cpu_fused":
             from vlmq.kernels import gptq_cpu
 
-            y = gptq_cpu().gptq_gemm(x2.float().contiguous(), p["qweight"], p["scales"], p["zs"], self.bits, self._group)
+            y = gptq_cpu().gptq_gemm(x2.float().contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits,
+                                     self._group, self.out_features, self._isa)
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), p["packed"],
@@ -154,19 +198,32 @@ def _contiguous_groups(q: torch.Tensor, g_idx: torch.Tensor, n_groups: int, grou
     return q, perm
 
 
+def _blocked(t: torch.Tensor, n_pad: int) -> torch.Tensor:
+    """``[rows, N]`` → ``[ceil(N/64), rows, 64]``: the kernel's column blocks, zero-padded."""
+    rows, n = t.shape
+    padded = torch.zeros(rows, n_pad, dtype=t.dtype)
+    padded[:, :n] = t
+    return padded.view(rows, n_pad // KERNEL_BLOCK, KERNEL_BLOCK).permute(1, 0, 2).contiguous()
+
+
 def _cpu_fused_prepare(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, g_idx: torch.Tensor,
                        group_size: int, bits: int, qweight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The kernel layout (``vlmq/kernels/gptq_cpu.cpp``): the GPTQ words, fp16 scales and uint8 zero
+    points cut into blocks of 64 output columns, each block contiguous over all of K."""
     from vlmq.pack import pack_rows
 
-    in_f = q.shape[1]
+    out_f, in_f = q.shape
     group = in_f if group_size == -1 else group_size
     if group % 32:
         raise ValueError(f"cpu_fused needs a group size that is a multiple of 32 (got {group}); use 'dequant'")
     q, perm = _contiguous_groups(q, g_idx, s.shape[1], group, "cpu_fused")
+    if int(z.min()) < 0 or int(z.max()) > 255:
+        raise ValueError("cpu_fused keeps zero points as uint8 (0..255); use 'dequant'")
     # the stored words serve as they are unless act_order needs the columns permuted
-    packed = qweight.contiguous() if perm is None else pack_rows(q.T.contiguous(), bits)
-    out = {"qweight": packed, "scales": s.T.contiguous().float(),
-           "zs": (z.float() * s).T.contiguous()}
+    words = qweight.contiguous() if perm is None else pack_rows(q.T.contiguous(), bits)
+    n_pad = -(-out_f // KERNEL_BLOCK) * KERNEL_BLOCK
+    out = {"qweight": _blocked(words, n_pad), "scales": _blocked(s.T.half(), n_pad),
+           "zeros": _blocked(z.T.to(torch.uint8), n_pad)}
     if perm is not None:
         out["perm"] = perm
     return out
@@ -177,6 +234,8 @@ def _aten_int4_prepare(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, g_idx:
     out_f, in_f = q.shape
     n_groups = s.shape[1]
     group = in_f if group_size == -1 else group_size
+    if group not in (32, 64, 128, 256):  # what the aten kernel accepts (it fails at run time otherwise)
+        raise ValueError(f"aten_int4 needs a group size of 32, 64, 128 or 256 (got {group}); use 'cpu_fused' or 'dequant'")
     prepared: dict[str, torch.Tensor] = {}
     q, perm = _contiguous_groups(q, g_idx, n_groups, group, "aten_int4")
     if perm is not None:

@@ -2,9 +2,15 @@
 
 ``gptq_cpu()`` returns the extension module of ``gptq_cpu.cpp`` (fused unpack-dequantize-matmul of
 GPTQ-packed 2/3/4/8-bit weights), or ``None`` when it cannot be built here (no compiler, no
-ninja): the ``cpu_fused`` backend is then simply not offered. The build is cached per source,
-torch version and CPU under ``$VLMQ_KERNEL_CACHE`` (default ``~/.cache/vlmq/kernels``), compiled
-with ``-O3 -march=native`` for the machine it runs on.
+ninja): the ``cpu_fused`` backend is then simply not offered. The build is cached per source and
+torch version under ``$VLMQ_KERNEL_CACHE`` (default ``~/.cache/vlmq/kernels``).
+
+Build flags are plain ``-O3 -fopenmp`` (no ``-march``): the one build holds an AVX-512F, an
+AVX2+FMA+F16C and a portable copy of the kernel, each compiled for its own instruction set, and
+:func:`kernel_isa` picks the best one this CPU runs at run time, so the same build is correct on
+any x86-64 machine (and on other architectures, with the portable copy only).
+``VLMQ_KERNEL_ISA=avx2`` (or ``generic``) forces a lower one; ``VLMQ_DISABLE_KERNELS=1`` turns the
+kernel off.
 """
 
 from __future__ import annotations
@@ -12,22 +18,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import platform
 from functools import lru_cache
 from pathlib import Path
 
 log = logging.getLogger("vlmq.kernels")
 SOURCE = Path(__file__).with_name("gptq_cpu.cpp")
-
-
-def _cpu_id() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return hashlib.sha1(line.encode()).hexdigest()[:10]
-    except OSError:
-        pass
-    return platform.machine()
+HEADERS = (Path(__file__).with_name("gptq_cpu_body.h"),)
+ISAS = ("avx512", "avx2", "generic")
 
 
 @lru_cache(maxsize=1)
@@ -37,16 +34,37 @@ def gptq_cpu():
 
     if os.environ.get("VLMQ_DISABLE_KERNELS"):
         return None
-    src = SOURCE.read_bytes()
-    tag = hashlib.sha1(src + torch.__version__.encode() + _cpu_id().encode()).hexdigest()[:12]
+    src = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
+    tag = hashlib.sha1(src + torch.__version__.encode()).hexdigest()[:12]
     root = Path(os.environ.get("VLMQ_KERNEL_CACHE", Path.home() / ".cache" / "vlmq" / "kernels")) / tag
     root.mkdir(parents=True, exist_ok=True)
     try:
         from torch.utils.cpp_extension import load
 
         return load(name=f"vlmq_gptq_cpu_{tag}", sources=[str(SOURCE)], build_directory=str(root),
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler / ninja: the backend is just unavailable
         log.warning("vlmq: the cpu_fused kernel could not be built (%s: %s); using the other backends",
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return None
+
+
+def kernel_isas() -> list[str]:
+    """Instruction sets the built kernel can run on this CPU, best first (empty: no kernel)."""
+    mod = gptq_cpu()
+    return [] if mod is None else list(mod.isas())
+
+
+def kernel_isa() -> str | None:
+    """The instruction set ``cpu_fused`` runs: the best one, or ``$VLMQ_KERNEL_ISA`` if set and supported."""
+    ok = kernel_isas()
+    if not ok:
+        return None
+    return _resolve(os.environ.get("VLMQ_KERNEL_ISA", "").strip().lower(), tuple(ok))
+
+
+@lru_cache(maxsize=None)
+def _resolve(want: str, ok: tuple[str, ...]) -> str:  # cached: the warning is logged once
+    if want and want not in ok:
+        log.warning("vlmq: VLMQ_KERNEL_ISA=%s is not supported here (%s); using %s", want, list(ok), ok[0])
+    return want if want in ok else ok[0]

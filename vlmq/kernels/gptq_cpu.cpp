@@ -1,173 +1,287 @@
 // Fused unpack-dequantize-matmul for GPTQ-packed weights on the CPU (2/3/4/8 bits).
 //
-// y[m, n] = sum_g s[g, n] * (sum_{k in g} x[m, k] * q[k, n]) - zs[g, n] * xsum[m, g]
-// with zs = z * s and xsum[m, g] = sum_{k in g} x[m, k]: the integer weights are decoded from the
-// packed words into registers and never written out as a dense matrix, so the kernel reads
-// bits/32 of the bytes a float32 matmul reads. Groups must be contiguous runs of `group` input
-// columns (act_order checkpoints are permuted once at load time, see vlmq/qlinear.py).
+//   y[m, n] = sum_g  s[g, n] * (sum_{k in g} x[m, k] q[k, n])  -  z[g, n] s[g, n] * (sum_{k in g} x[m, k])
 //
-// qweight layout (GPTQ): int32 [K * BITS / 32, N], values packed along K as one little-endian bit
-// stream per output column (3 bits: 32 values in 3 words, values 10 and 21 straddle two words).
+// The integer weights are decoded from the packed words in registers and never written out as a
+// dense matrix: the kernel reads bits/32 of the bytes a float32 matmul reads (plus 3 bytes per
+// group and column for the fp16 scale and the uint8 zero point). Per group of `group` input
+// columns, sum_k x_k q_k is accumulated in float32 registers and the scale/zero point are applied
+// once. Groups must be contiguous runs of `group` input columns (act_order checkpoints are
+// permuted once at load time, see vlmq/qlinear.py).
+//
+// Kernel layout (made once at load time by vlmq.qlinear from the on-disk GPTQ tensors, which stay
+// as they are): the output columns are cut into blocks of NB = 64; block b holds
+//   qw [nblocks, K * BITS / 32, NB] int32   the GPTQ words of its 64 columns, all K (contiguous,
+//                                           so one thread streams one block front to back)
+//   s  [nblocks, G, NB] float16             scales
+//   z  [nblocks, G, NB] uint8               zero points
+// N is padded up to a multiple of NB with zero words/scales. Within a column, the words are the
+// GPTQ bit stream along K: value k at bits [BITS k, BITS k + BITS) (3 bits: 32 values in 3 words,
+// values 10 and 21 straddle two words).
+//
+// Instruction sets: one build holds an AVX-512F, an AVX2+FMA+F16C and a portable copy of the
+// kernel (gptq_cpu_body.h, compiled under `#pragma GCC target`), the best one the CPU supports is
+// chosen at run time; the build itself needs no -march flag, so it is correct on any x86-64 (and
+// the portable copy alone elsewhere). Decoding a 2/3/4-bit value is a shift and a permute with a
+// 16-entry table (vpermps ignores the index bits above the low 4/3), 8 bits a shift, mask and
+// convert. Threads: at::parallel_for over column blocks (torch.set_num_threads applies).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Half.h>
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <string>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define VLMQ_X86 1
+#endif
 
 namespace {
 
-constexpr int NB = 64;  // output columns per tile (4 AVX-512 / 8 AVX2 float vectors)
-constexpr int MT = 8;   // rows of x per tile
+constexpr int NB = 64;  // output columns per block of the kernel layout
 
-// qv[n] = value j (0..31) of the 32-value run held in the BITS word rows `rows` (columns n < nb).
-// Every branch is a plain loop over n with loop-invariant shifts: it vectorizes.
-template <int BITS>
-inline void decode(const uint32_t* const* rows, int j, int nb, float* __restrict qv) {
-  constexpr uint32_t MASK = (1u << BITS) - 1u;
-  const int off = BITS * j, word = off >> 5, shift = off & 31;
-  const uint32_t* __restrict w = rows[word];
-  if (BITS == 3 && shift > 29) {  // straddles two words (values 10 and 21)
-    const uint32_t* __restrict w2 = rows[word + 1];
-    const int back = 32 - shift;
-    #pragma omp simd
-    for (int n = 0; n < nb; ++n) qv[n] = (float)(int32_t)(((w[n] >> shift) | (w2[n] << back)) & MASK);
-  } else {
-    #pragma omp simd
-    for (int n = 0; n < nb; ++n) qv[n] = (float)(int32_t)((w[n] >> shift) & MASK);
+struct Job {
+  const float* x;       // [M, K]
+  const float* xsum;    // [M, G]: sum of x over each group
+  int64_t M, K, G, group, N;
+  const uint32_t* qw;   // [nblocks, K * BITS / 32, NB]
+  const uint16_t* s;    // [nblocks, G, NB] float16 bits
+  const uint8_t* z;     // [nblocks, G, NB]
+  float* y;             // [M, N]
+};
+using BlockFn = void (*)(const Job&, int64_t, int64_t);
+
+// ---- portable: GCC/Clang vector extensions (SSE2 on a baseline x86-64, NEON on arm64, ...) ----
+namespace generic {
+struct V {
+  // 128-bit vectors (SSE2 / NEON registers: 16 of them)
+  static constexpr int W = 4, VT1 = 2, VT2 = 2, VT4 = 1;
+  typedef float vf __attribute__((vector_size(16)));
+  typedef uint32_t vu __attribute__((vector_size(16)));
+  typedef int32_t vi __attribute__((vector_size(16)));
+  typedef int lut_t;
+  static inline vu load(const uint32_t* p) { vu v; std::memcpy(&v, p, sizeof(v)); return v; }
+  static inline vf zero() { return vf{}; }
+  static inline vf set1(float a) { return vf{} + a; }
+  static inline vu srl(vu v, int s) { return v >> s; }
+  static inline vu sll(vu v, int s) { return v << s; }
+  static inline vu or_(vu a, vu b) { return a | b; }
+  template <int B> static inline lut_t lut() { return 0; }
+  template <int B> static inline vf lookup(vu v, lut_t) {
+    return __builtin_convertvector((vi)(v & ((1u << B) - 1u)), vf);
   }
+  template <int B> static inline vf decode(vu v, int sh, lut_t l) { return lookup<B>(sh ? v >> sh : v, l); }
+  static inline vf fma(vf a, vf b, vf c) { return a * b + c; }
+  static inline vf fnma(vf a, vf b, vf c) { return c - a * b; }
+  static inline vf mul(vf a, vf b) { return a * b; }
+  static inline vf add(vf a, vf b) { return a + b; }
+  static inline vf load_h(const uint16_t* p) {
+    vf v;
+    for (int i = 0; i < W; ++i) v[i] = static_cast<float>(c10::Half(p[i], c10::Half::from_bits()));
+    return v;
+  }
+  static inline vf load_b(const uint8_t* p) {
+    vf v;
+    for (int i = 0; i < W; ++i) v[i] = (float)p[i];
+    return v;
+  }
+  static inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+};
+#include "gptq_cpu_body.h"
+}  // namespace generic
+
+#ifdef VLMQ_X86
+// ---- AVX2 + FMA + F16C (8 lanes) ----
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+namespace avx2 {
+struct V {
+  // 16 ymm registers: at most 8 accumulators per chunk
+  static constexpr int W = 8, VT1 = 4, VT2 = 4, VT4 = 2;
+  typedef __m256 vf;
+  typedef __m256i vu;
+  typedef __m256 lut_t;
+  static inline vu load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline vf zero() { return _mm256_setzero_ps(); }
+  static inline vf set1(float a) { return _mm256_set1_ps(a); }
+  static inline vu srl(vu v, int s) { return _mm256_srli_epi32(v, s); }
+  static inline vu sll(vu v, int s) { return _mm256_slli_epi32(v, s); }
+  static inline vu or_(vu a, vu b) { return _mm256_or_si256(a, b); }
+  template <int B> static inline lut_t lut() {
+    constexpr int m = (1 << B) - 1;  // vpermps ymm reads the low 3 index bits: a table for 2 and 3 bits
+    return _mm256_setr_ps(0 & m, 1 & m, 2 & m, 3 & m, 4 & m, 5 & m, 6 & m, 7 & m);
+  }
+  template <int B> static inline vf lookup(vu v, lut_t l) {
+    if (B <= 3) return _mm256_permutevar8x32_ps(l, v);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((1 << B) - 1)));
+  }
+  template <int B> static inline vf decode(vu v, int sh, lut_t l) {
+    if (sh) v = srl(v, sh);
+    if (B > 3 && sh + B == 32) return _mm256_cvtepi32_ps(v);  // the top value of the word: no mask
+    return lookup<B>(v, l);
+  }
+  static inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline vf fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+  static inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+  static inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
+  static inline vf load_h(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static inline vf load_b(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
+};
+#include "gptq_cpu_body.h"
+}  // namespace avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// ---- AVX-512F (16 lanes) ----
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+#endif
+namespace avx512 {
+struct V {
+  static constexpr int W = 16, VT1 = 4, VT2 = 4, VT4 = 4;
+  typedef __m512 vf;
+  typedef __m512i vu;
+  typedef __m512 lut_t;
+  static inline vu load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static inline vf zero() { return _mm512_setzero_ps(); }
+  static inline vf set1(float a) { return _mm512_set1_ps(a); }
+  static inline vu srl(vu v, int s) { return _mm512_srli_epi32(v, s); }
+  static inline vu sll(vu v, int s) { return _mm512_slli_epi32(v, s); }
+  static inline vu or_(vu a, vu b) { return _mm512_or_si512(a, b); }
+  template <int B> static inline lut_t lut() {
+    constexpr int m = (1 << B) - 1;  // vpermps zmm reads the low 4 index bits: a table for 2, 3 and 4 bits
+    return _mm512_setr_ps(0 & m, 1 & m, 2 & m, 3 & m, 4 & m, 5 & m, 6 & m, 7 & m, 8 & m, 9 & m, 10 & m, 11 & m,
+                          12 & m, 13 & m, 14 & m, 15 & m);
+  }
+  template <int B> static inline vf lookup(vu v, lut_t l) {
+    if (B <= 4) return _mm512_permutexvar_ps(v, l);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32((1 << B) - 1)));
+  }
+  template <int B> static inline vf decode(vu v, int sh, lut_t l) {
+    if (sh) v = srl(v, sh);
+    if (B > 4 && sh + B == 32) return _mm512_cvtepi32_ps(v);
+    return lookup<B>(v, l);
+  }
+  static inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline vf fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
+  static inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+  static inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
+  static inline vf load_h(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static inline vf load_b(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static inline void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
+};
+#include "gptq_cpu_body.h"
+}  // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // VLMQ_X86
+
+bool cpu_has(const std::string& isa) {
+  if (isa == "generic") return true;
+#ifdef VLMQ_X86
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == "avx2") return avx2;
+  if (isa == "avx512") return avx2 && __builtin_cpu_supports("avx512f");
+#endif
+  return false;
 }
 
-// Full 64-column tiles, MTT rows of x at a time: GCC vector extensions (compiled to AVX-512,
-// AVX2, ... by -march=native) with the accumulators held in registers.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-constexpr int LANES = 16, VT = NB / LANES;
-
-inline vu load_u(const uint32_t* p) { vu v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
-
-template <int BITS, int MTT>
-inline void tile(const float* x, int64_t K, const uint32_t* qw, int64_t N, const float* s, const float* zs,
-                 const float* xsum, int64_t G, int64_t group, int64_t n0, float* y) {
-  constexpr uint32_t MASK = (1u << BITS) - 1u;
-  const int64_t runs_per_group = group / 32;
-  vf acc[MTT][VT] = {};
-  for (int64_t g = 0; g < G; ++g) {
-    vf ag[MTT][VT] = {};
-    for (int64_t r = 0; r < runs_per_group; ++r) {
-      const int64_t run = g * runs_per_group + r;
-      const uint32_t* base = qw + run * BITS * N + n0;
-      const int64_t k0 = run * 32;
-#pragma GCC unroll 32
-      for (int j = 0; j < 32; ++j) {
-        const int off = BITS * j, word = off >> 5, shift = off & 31;
-        float xv[MTT];
-        for (int mi = 0; mi < MTT; ++mi) xv[mi] = x[mi * K + k0 + j];
-#pragma GCC unroll 4
-        for (int t = 0; t < VT; ++t) {
-          vu w = load_u(base + word * N + t * LANES) >> shift;
-          if (BITS == 3 && shift > 29) w |= load_u(base + (word + 1) * N + t * LANES) << (32 - shift);
-          const vf q = __builtin_convertvector((vi)(w & MASK), vf);
-          for (int mi = 0; mi < MTT; ++mi) ag[mi][t] += xv[mi] * q;
-        }
-      }
-    }
-    for (int t = 0; t < VT; ++t) {
-      vf sv, zv;
-      __builtin_memcpy(&sv, s + g * N + n0 + t * LANES, sizeof(sv));
-      __builtin_memcpy(&zv, zs + g * N + n0 + t * LANES, sizeof(zv));
-      for (int mi = 0; mi < MTT; ++mi) acc[mi][t] += sv * ag[mi][t] - zv * xsum[mi * G + g];
-    }
-  }
-  for (int mi = 0; mi < MTT; ++mi)
-    for (int t = 0; t < VT; ++t) __builtin_memcpy(y + mi * N + n0 + t * LANES, &acc[mi][t], sizeof(vf));
+std::vector<std::string> isas() {  // best first
+  std::vector<std::string> out;
+  for (const char* i : {"avx512", "avx2", "generic"})
+    if (cpu_has(i)) out.emplace_back(i);
+  return out;
 }
 
-template <int BITS>
-void gemm(const float* x, int64_t M, int64_t K, const uint32_t* qw, int64_t N, const float* s,
-          const float* zs, int64_t group, float* y) {
-  const int64_t G = K / group;
-  std::vector<float> xsum(M * G, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xsum[m * G + k / group] += x[m * K + k];
-  // a "run" = 32 consecutive K values = BITS word rows
-  const int64_t runs_per_group = group / 32;
-  const int64_t nblocks = (N + NB - 1) / NB;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    alignas(64) float acc[MT][NB];
-    alignas(64) float accg[MT][NB];
-    alignas(64) float qv[NB];
-    for (int64_t nb_i = b0; nb_i < b1; ++nb_i) {
-      const int64_t n0 = nb_i * NB;
-      const int nb = (int)std::min<int64_t>(NB, N - n0);
-      if (nb == NB) {
-        int64_t m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4)
-          tile<BITS, 4>(x + m0 * K, K, qw, N, s, zs, xsum.data() + m0 * G, G, group, n0, y + m0 * N);
-        for (; m0 < M; ++m0)
-          tile<BITS, 1>(x + m0 * K, K, qw, N, s, zs, xsum.data() + m0 * G, G, group, n0, y + m0 * N);
-        continue;
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += MT) {
-        const int mt = (int)std::min<int64_t>(MT, M - m0);
-        for (int mi = 0; mi < mt; ++mi)
-          for (int n = 0; n < NB; ++n) acc[mi][n] = 0.f;
-        for (int64_t g = 0; g < G; ++g) {
-          for (int mi = 0; mi < mt; ++mi)
-            for (int n = 0; n < NB; ++n) accg[mi][n] = 0.f;
-          for (int64_t r = 0; r < runs_per_group; ++r) {
-            const int64_t run = g * runs_per_group + r;
-            const uint32_t* rows[BITS];
-            for (int i = 0; i < BITS; ++i) rows[i] = qw + (run * BITS + i) * N + n0;
-            const int64_t k0 = run * 32;
-            for (int j = 0; j < 32; ++j) {
-              decode<BITS>(rows, j, nb, qv);
-              for (int mi = 0; mi < mt; ++mi) {
-                const float xv = x[(m0 + mi) * K + k0 + j];
-                float* __restrict a = accg[mi];
-                #pragma omp simd
-                for (int n = 0; n < nb; ++n) a[n] += xv * qv[n];
-              }
-            }
-          }
-          const float* sg = s + g * N + n0;
-          const float* zg = zs + g * N + n0;
-          for (int mi = 0; mi < mt; ++mi) {
-            const float xs = xsum[(m0 + mi) * G + g];
-            for (int n = 0; n < nb; ++n) acc[mi][n] += sg[n] * accg[mi][n] - zg[n] * xs;
-          }
-        }
-        for (int mi = 0; mi < mt; ++mi)
-          for (int n = 0; n < nb; ++n) y[(m0 + mi) * N + n0 + n] = acc[mi][n];
-      }
-    }
-  });
+BlockFn pick(const std::string& isa, int64_t bits) {
+#ifdef VLMQ_X86
+  if (isa == "avx512") return avx512::block_fn((int)bits);
+  if (isa == "avx2") return avx2::block_fn((int)bits);
+#endif
+  return generic::block_fn((int)bits);
 }
 
 }  // namespace
 
-torch::Tensor gptq_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zs,
-                        int64_t bits, int64_t group) {
+torch::Tensor gptq_gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
+                        int64_t group, int64_t N, std::string isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  TORCH_CHECK(qweight.scalar_type() == torch::kInt32 && qweight.is_contiguous(), "qweight: contiguous int32");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && zs.scalar_type() == torch::kFloat32 &&
-              scales.is_contiguous() && zs.is_contiguous(), "scales/zs: contiguous float32 [G, N]");
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(1);
-  TORCH_CHECK(group % 32 == 0 && K % group == 0, "group must be a multiple of 32 dividing K");
-  TORCH_CHECK(qweight.size(0) * 32 == K * bits, "qweight rows do not match K and bits");
-  TORCH_CHECK(scales.size(0) == K / group && scales.size(1) == N, "scales shape");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(group % 32 == 0 && group > 0 && K % group == 0, "group must be a multiple of 32 dividing K");
+  const int64_t G = K / group, nblocks = (N + NB - 1) / NB;
+  TORCH_CHECK(qw.scalar_type() == torch::kInt32 && qw.is_contiguous() && qw.dim() == 3 && qw.size(0) == nblocks &&
+              qw.size(1) * 32 == K * bits && qw.size(2) == NB, "qw: contiguous int32 [ceil(N/64), K*bits/32, 64]");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.dim() == 3 &&
+              scales.size(0) == nblocks && scales.size(1) == G && scales.size(2) == NB, "scales: contiguous float16 [ceil(N/64), G, 64]");
+  TORCH_CHECK(zeros.scalar_type() == torch::kByte && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
+              "zeros: contiguous uint8, shaped like scales");
+  if (isa.empty()) isa = isas().front();
+  TORCH_CHECK(cpu_has(isa), "instruction set '", isa, "' is not supported by this CPU/build");
+  const BlockFn fn = pick(isa, bits);
   auto y = torch::empty({M, N}, x.options());
-  const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
-  switch (bits) {
-    case 2: gemm<2>(x.data_ptr<float>(), M, K, qw, N, scales.data_ptr<float>(), zs.data_ptr<float>(), group, y.data_ptr<float>()); break;
-    case 3: gemm<3>(x.data_ptr<float>(), M, K, qw, N, scales.data_ptr<float>(), zs.data_ptr<float>(), group, y.data_ptr<float>()); break;
-    case 4: gemm<4>(x.data_ptr<float>(), M, K, qw, N, scales.data_ptr<float>(), zs.data_ptr<float>(), group, y.data_ptr<float>()); break;
-    case 8: gemm<8>(x.data_ptr<float>(), M, K, qw, N, scales.data_ptr<float>(), zs.data_ptr<float>(), group, y.data_ptr<float>()); break;
-    default: TORCH_CHECK(false, "bits must be 2, 3, 4 or 8");
+  if (M == 0 || N == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> xsum(M * G, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) acc += xp[m * K + k];
+      xsum[m * G + g] = acc;
+    }
+  constexpr int64_t MC = 64;  // rows per pass: x rows of one pass stay in cache while the blocks stream
+  for (int64_t m0 = 0; m0 < M; m0 += MC) {
+    const Job job{xp + m0 * K, xsum.data() + m0 * G, std::min(MC, M - m0), K, G, group, N,
+                  reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>()),
+                  reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), zeros.data_ptr<uint8_t>(),
+                  y.data_ptr<float>() + m0 * N};
+    // dynamic schedule: each thread takes the next run of blocks from a shared counter, so a thread
+    // that the OS preempts (a busy machine) does not hold back a fixed half of the work
+    // small products run on the calling thread: a fork-join costs more than they do (~1M
+    // weight-rows, some tens of microseconds, per thread at least)
+    const int64_t work = job.M * K * N;
+    const int64_t nt = std::max<int64_t>(1, std::min<int64_t>({(int64_t)at::get_num_threads(), nblocks, work >> 20}));
+    if (nt == 1) {
+      fn(job, 0, nblocks);
+      continue;
+    }
+    std::atomic<int64_t> next{0};
+    const int64_t step = std::max<int64_t>(1, nblocks / (nt * 8));
+    at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t b = next.fetch_add(step); b < nblocks; b = next.fetch_add(step))
+          fn(job, b, std::min(b + step, nblocks));
+    });
   }
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gptq_gemm", &gptq_gemm, "fused unpack-dequantize-matmul of GPTQ-packed weights (CPU)");
+  m.def("gptq_gemm", &gptq_gemm, "fused unpack-dequantize-matmul of GPTQ words in the blocked kernel layout (CPU)",
+        pybind11::arg("x"), pybind11::arg("qw"), pybind11::arg("scales"), pybind11::arg("zeros"),
+        pybind11::arg("bits"), pybind11::arg("group"), pybind11::arg("n"), pybind11::arg("isa") = "");
+  m.def("isas", &isas, "instruction sets this CPU can run, best first");
+  m.attr("NB") = NB;
 }

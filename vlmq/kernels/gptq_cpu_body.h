@@ -1,0 +1,92 @@
+// The kernel body of gptq_cpu.cpp, written once over a vector "traits" type `V` and included once
+// per instruction set inside that instruction set's namespace and `#pragma GCC target` region
+// (AVX-512, AVX2+FMA+F16C, and plain C++ vector extensions), so that every copy is compiled for its
+// own ISA in a single build and chosen at run time (see gptq_cpu.cpp for the layout and the maths).
+//
+// Not a standalone header: it expects `Job`, `NB` and the system/intrinsics headers from the
+// including file, and `V` in the enclosing namespace.
+
+// One chunk: MT rows of x (from row m0) times the VT * V::W columns of block `b` starting at column
+// c0 of the block. Group sums are accumulated in registers; the scale and zero point are applied
+// once per group: acc += s * sum_k(x_k q_k) - (z s) * sum_k(x_k).
+template <int BITS, int MT, int VT>
+inline void chunk(const Job& a, int64_t b, int64_t m0, int c0, float* out) {
+  constexpr int W = V::W;
+  constexpr int NA = MT == 1 ? 2 : 1;  // batch 1: two accumulator sets (even/odd k) for more FMA chains
+  const int64_t R = a.K * BITS / 32, rpg = a.group / 32;
+  const uint32_t* qb = a.qw + b * R * NB + c0;
+  const uint16_t* sb = a.s + b * a.G * NB + c0;
+  const uint8_t* zb = a.z + b * a.G * NB + c0;
+  const float* x = a.x + m0 * a.K;
+  const float* xs = a.xsum + m0 * a.G;
+  const typename V::lut_t lut = V::template lut<BITS>();
+  typename V::vf acc[MT][VT];
+  for (int mi = 0; mi < MT; ++mi)
+    for (int t = 0; t < VT; ++t) acc[mi][t] = V::zero();
+  for (int64_t g = 0; g < a.G; ++g) {
+    typename V::vf ag[NA][MT][VT];
+    for (int h = 0; h < NA; ++h)
+      for (int mi = 0; mi < MT; ++mi)
+        for (int t = 0; t < VT; ++t) ag[h][mi][t] = V::zero();
+    for (int64_t r = 0; r < rpg; ++r) {
+      const int64_t run = g * rpg + r;             // 32 consecutive k = BITS word rows
+      const uint32_t* w = qb + run * BITS * NB;
+      const float* xk = x + run * 32;
+#pragma GCC unroll 32
+      for (int j = 0; j < 32; ++j) {
+        const int off = BITS * j, word = off >> 5, sh = off & 31;  // constants once unrolled
+        typename V::vf xv[MT];
+        for (int mi = 0; mi < MT; ++mi) xv[mi] = V::set1(xk[mi * a.K + j]);
+        for (int t = 0; t < VT; ++t) {
+          const typename V::vu u = V::load(w + word * NB + t * W);
+          typename V::vf q;
+          if (BITS == 3 && sh > 29)  // values 10 and 21 of a 3-bit run straddle two words
+            q = V::template lookup<BITS>(V::or_(V::srl(u, sh), V::sll(V::load(w + (word + 1) * NB + t * W), 32 - sh)), lut);
+          else
+            q = V::template decode<BITS>(u, sh, lut);
+          for (int mi = 0; mi < MT; ++mi) ag[j % NA][mi][t] = V::fma(xv[mi], q, ag[j % NA][mi][t]);
+        }
+      }
+    }
+    for (int t = 0; t < VT; ++t) {
+      const typename V::vf sv = V::load_h(sb + g * NB + t * W);
+      const typename V::vf zs = V::mul(sv, V::load_b(zb + g * NB + t * W));
+      for (int mi = 0; mi < MT; ++mi) {
+        typename V::vf sum = ag[0][mi][t];
+        if (NA == 2) sum = V::add(sum, ag[NA - 1][mi][t]);
+        acc[mi][t] = V::fnma(zs, V::set1(xs[mi * a.G + g]), V::fma(sv, sum, acc[mi][t]));
+      }
+    }
+  }
+  for (int mi = 0; mi < MT; ++mi)
+    for (int t = 0; t < VT; ++t) V::store(out + mi * NB + c0 + t * W, acc[mi][t]);
+}
+
+template <int BITS, int MT, int VT>
+inline void rows(const Job& a, int64_t b, int64_t m0, float* out) {
+  for (int c0 = 0; c0 < NB; c0 += VT * V::W) chunk<BITS, MT, VT>(a, b, m0, c0, out);
+  const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, a.N - n0);
+  for (int mi = 0; mi < MT; ++mi) std::memcpy(a.y + (m0 + mi) * a.N + n0, out + mi * NB, nb * sizeof(float));
+}
+
+// Blocks [b0, b1) of NB output columns, every row of the job.
+template <int BITS>
+void run_blocks(const Job& a, int64_t b0, int64_t b1) {
+  alignas(64) float out[4 * NB];
+  for (int64_t b = b0; b < b1; ++b) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= a.M; m0 += 4) rows<BITS, 4, V::VT4>(a, b, m0, out);
+    for (; m0 + 2 <= a.M; m0 += 2) rows<BITS, 2, V::VT2>(a, b, m0, out);
+    for (; m0 < a.M; ++m0) rows<BITS, 1, V::VT1>(a, b, m0, out);
+  }
+}
+
+inline BlockFn block_fn(int bits) {
+  switch (bits) {
+    case 2: return &run_blocks<2>;
+    case 3: return &run_blocks<3>;
+    case 4: return &run_blocks<4>;
+    case 8: return &run_blocks<8>;
+    default: return nullptr;
+  }
+}
