@@ -346,3 +346,54 @@ def test_checkpoint_in_the_legacy_key_layout_of_other_gptq_tools_loads(tiny_vlm,
     b, _, _ = load_packed(legacy, backend="dequant")  # no manifest: another tool's checkpoint
     with torch.no_grad():
         assert torch.equal(a(**inputs).logits, b(**inputs).logits)
+
+
+# --- GPTQ tensors written by a reference tool (GPTQModel), see tests/fixtures/make_gptqmodel_fixture.py ---
+_GPTQMODEL_FIXTURE = __import__("pathlib").Path(__file__).parent / "fixtures" / "gptqmodel_packed.safetensors"
+
+
+def _gptqmodel_cases() -> list[dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(_GPTQMODEL_FIXTURE), "pt") as f:
+        return json.loads(f.metadata()["cases"])
+
+
+@pytest.mark.parametrize("case", _gptqmodel_cases(), ids=lambda c: c["name"])
+def test_gptqmodel_packed_tensors_unpack_bit_exactly(case):
+    """qweight/qzeros/scales/g_idx packed by GPTQModel's own packer (TorchLinear.pack_original, v1 zero
+    points from its v2→v1 exporter) unpack to the source integers, and every backend computes with them."""
+    from safetensors import safe_open
+
+    from vlmq.pack import unpack_linear
+
+    with safe_open(str(_GPTQMODEL_FIXTURE), "pt") as f:
+        meta = f.metadata()
+        t = {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(case["name"] + ".")}
+    assert meta["gptqmodel_version"] and "pack_original" in meta["packer"]
+    bits, gs, in_f, out_f = case["bits"], case["group_size"], case["in_features"], case["out_features"]
+    q0, z0, s0, g0 = t["src_q"].int(), t["src_z"].int(), t["src_s"], t["src_g_idx"]
+    assert bool((g0[1:] < g0[:-1]).any()) == case["act_order"]  # act_order cases really are non-monotone
+    # GPTQModel packs the zero point itself (its in-memory v2); its exporter writes v1 = zero − 1 per field
+    for fmt, qz in (("gptq", t["qzeros_v1"]), ("gptq_v2", t["qzeros_v2"])):
+        tensors = {"qweight": t["qweight"], "qzeros": qz, "scales": t["scales"], "g_idx": t["g_idx"]}
+        q, s, z, g_idx = unpack_linear(tensors, bits, in_f, out_f, fmt)
+        assert torch.equal(q, q0), (fmt, int((q != q0).sum()))
+        assert torch.equal(z, z0), (fmt, int((z != z0).sum()))
+        assert torch.equal(s, s0.float()) and torch.equal(g_idx, g0)
+        # and our packer writes GPTQModel's words exactly
+        ours = pack_linear(q0, s0.float(), z0, g0, bits, fmt)
+        assert torch.equal(ours["qweight"], t["qweight"]) and torch.equal(ours["qzeros"], qz), fmt
+    assert not torch.equal(t["qzeros_v1"], t["qzeros_v2"])  # the two formats differ: the offset is real
+
+    ql = QuantLinear(in_f, out_f, bits, gs, False, "gptq")
+    ql.load_state_dict({"qweight": t["qweight"], "qzeros": t["qzeros_v1"], "scales": t["scales"], "g_idx": t["g_idx"]})
+    gi = g0.long()
+    W = s0.float()[:, gi] * (q0 - z0[:, gi]).float()  # scales[g_idx] * (q - z), [out, in]
+    assert torch.equal(ql.dequantized(), W)
+    g = torch.Generator().manual_seed(zlib.crc32(case["name"].encode()))
+    x = torch.randn(3, in_f, generator=g)
+    ref = x.double() @ W.double().T
+    for backend in ("reference", "cpu_fused"):
+        y = ql.prepare(backend)(x)
+        assert _rel(y, ref) < 1e-5, (backend, _rel(y, ref))
