@@ -38,10 +38,18 @@ def gptq_cpu():
     tag = hashlib.sha1(src + torch.__version__.encode()).hexdigest()[:12]
     root = Path(os.environ.get("VLMQ_KERNEL_CACHE", Path.home() / ".cache" / "vlmq" / "kernels")) / tag
     root.mkdir(parents=True, exist_ok=True)
+    # Build from copies inside the cache directory: the source path is then the same for every
+    # checkout of the same code (ninja would rebuild for each new path, e.g. each clone or test repo).
+    for f in (SOURCE, *HEADERS):
+        dst = root / f.name
+        if not dst.is_file() or dst.read_bytes() != f.read_bytes():
+            tmp = root / f"{f.name}.{os.getpid()}.tmp"
+            tmp.write_bytes(f.read_bytes())
+            os.replace(tmp, dst)
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name=f"vlmq_gptq_cpu_{tag}", sources=[str(SOURCE)], build_directory=str(root),
+        return load(name=f"vlmq_gptq_cpu_{tag}", sources=[str(root / SOURCE.name)], build_directory=str(root),
                     extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler / ninja: the backend is just unavailable
         log.warning("vlmq: the cpu_fused kernel could not be built (%s: %s); using the other backends",
