@@ -111,13 +111,13 @@ def sweep(params_path: str | Path | None = None, root: str | Path = SWEEP_ROOT, 
         fp_lp = None
         if evaluate and DEMO_TASK in params.eval.task_list():  # the KL reference, once for all branches
             fp_lp = task(fp_answer_logprobs, name="fp-logprobs")(params, demo_rows(params))
-        futures = [branch.with_options(task_run_name=f"branch-{i}").submit(cfg, str(root), evaluate, str(reports),
-                                                                           fp_lp)
-                   for i, cfg in enumerate(configs)]
-        if evaluate:
+        if evaluate:  # before the branches: lmms-eval's task loading is not safe to run in two threads at once
             from stages.evaluate import evaluate as evaluate_stage
 
             task(evaluate_stage, name="evaluate-fp")(params_path, out_dir=Path(reports) / "eval", runs=("fp",))
+        futures = [branch.with_options(task_run_name=f"branch-{i}").submit(cfg, str(root), evaluate, str(reports),
+                                                                           fp_lp)
+                   for i, cfg in enumerate(configs)]
         return [f.result() for f in futures]
 
     rows = sweep_flow()
