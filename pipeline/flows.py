@@ -70,7 +70,7 @@ def pipeline_flow(params_path: str | Path | None = None, skip: tuple[str, ...] =
         ("demo_data", lambda: run_stage("demo_data", demo_data, params_path)),
         ("prepare_calib", lambda: run_stage("prepare_calib", prepare_calib, params_path)),
         ("cache_fp", lambda: run_stage("cache_fp", cache_fp, params_path)),
-        ("quantize", lambda: quantize_flow(params_path) if _prefect_enabled() else _quantize_plain(params_path)),
+        ("quantize", lambda: run_quantize(params_path)),
         ("pack", lambda: run_stage("pack", pack, params_path)),
         ("latency", lambda: run_stage("latency", latency, params_path)),
         ("evaluate", lambda: run_stage("evaluate", evaluate, params_path)),
@@ -92,7 +92,10 @@ def pipeline_flow(params_path: str | Path | None = None, skip: tuple[str, ...] =
     return seconds
 
 
-def _quantize_plain(params_path):
+def run_quantize(params_path: str | Path | None = None) -> dict:
+    """The quantize stage: as the Prefect flow, or the same loop plainly with ``VLMQ_NO_PREFECT=1``."""
+    if _prefect_enabled():
+        return quantize_flow(params_path)
     from stages.quantize import quantize
 
     return quantize(params_path)

@@ -362,12 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=None)
     a = ap.parse_args(argv)
-    from pipeline.flows import _prefect_enabled, quantize_flow
+    from pipeline.flows import run_quantize
 
-    if _prefect_enabled():
-        quantize_flow(a.params)
-    else:  # VLMQ_NO_PREFECT=1: the same loop without Prefect
-        quantize(a.params)
+    run_quantize(a.params)
 
 
 if __name__ == "__main__":
