@@ -1,7 +1,7 @@
 """The sweep flow: a grid of quantize → evaluate branches on Prefect's task runner.
 
-``params.yaml``'s ``sweep`` section lists the grid (methods × bits × importance sources × group
-sizes). Every branch quantizes the model into ``data/sweep/<run>/`` (its own state and importance
+``params.yaml``'s ``sweep`` section lists the grid (methods × (bits × group sizes + extra points)
+× importance sources). Every branch quantizes the model into ``data/sweep/<run>/`` (its own state and importance
 Parquet) and evaluates it into ``reports/sweep/eval/<run>/``; the results land in one table,
 ``reports/sweep/sweep.csv``, and the report of all branches in ``reports/sweep/`` (summary.md,
 metrics.json, plots). With ``sweep.engine: dask`` (``prefect-dask``) the same branches fan out
@@ -33,7 +33,8 @@ def expand_grid(params) -> list[dict]:
     sw = params.sweep
     base = params.model_dump()
     out, seen = [], set()
-    for method, bits, gs, source in itertools.product(sw.methods, sw.bits, sw.group_sizes, sw.importance):
+    settings = list(itertools.product(sw.bits, sw.group_sizes)) + [(p.bits, p.group_size) for p in sw.extra_points]
+    for method, (bits, gs), source in itertools.product(sw.methods, settings, sw.importance):
         if method not in ("vlmq", "mbq", "vlmq+vlm_ptq") and source != sw.importance[0]:
             continue  # the importance source only matters for the methods that use token importance
         cfg = {**base, "quant": {**base["quant"], "method": method, "bits": bits, "group_size": gs},

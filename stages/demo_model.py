@@ -66,7 +66,8 @@ def main() -> None:
                       grad_clip=tp.grad_clip, seed=tp.seed, log_every=tp.log_every,
                       curriculum_steps=tp.curriculum_steps, save_every=tp.save_every,
                       attn_weight=tp.attn_weight, attn_layer=tp.attn_layer,
-                      vision_warmup_steps=tp.vision_warmup_steps, latent_weight=tp.latent_weight)
+                      vision_warmup_steps=tp.vision_warmup_steps, latent_weight=tp.latent_weight,
+                      latent_start=tp.latent_start)
 
     def checkpoint(step: int) -> None:  # monitoring snapshot (not the deliverable)
         ckpt = out_dir / "model.ckpt"

@@ -204,6 +204,7 @@ class DemoTrainParams(_Strict):
     attn_weight: float = Field(1.0, ge=0.0)    # supervision of 2 heads' attention at answer tokens (0 = off)
     attn_layer: int = Field(2, ge=0)           # decoder layer whose heads 0/1 are supervised
     latent_weight: float = Field(0.0, ge=0.0)  # probes of what the answer is computed from, at the answer token
+    latent_start: int = Field(0, ge=0)         # training step from which the latent probes are on
     vision_warmup_steps: int = Field(300, ge=0)  # vision tower + merger alone on the per-cell probes first
 
 
@@ -216,6 +217,20 @@ class DemoParams(_Strict):
     train: DemoTrainParams = DemoTrainParams()
 
 
+class SweepPoint(_Strict):
+    """One extra (bits, group size) setting of the sweep, run for every method."""
+
+    bits: Literal[2, 3, 4, 8]
+    group_size: int
+
+    @field_validator("group_size")
+    @classmethod
+    def _g(cls, g: int) -> int:
+        if g != -1 and g < 1:
+            raise ValueError("group_size must be -1 (per output channel) or a positive integer")
+        return g
+
+
 class SweepParams(_Strict):
     """The grid of the sweep flow (``python -m pipeline.sweep``): independent quantize → evaluate
     branches on Prefect's task runner (threads, or a Dask cluster with ``prefect-dask``)."""
@@ -223,6 +238,7 @@ class SweepParams(_Strict):
     methods: list[Method] = ["rtn", "gptq", "gptaq", "vlmq"]
     bits: list[Literal[2, 3, 4, 8]] = [3, 2]
     group_sizes: list[int] = [128]
+    extra_points: list[SweepPoint] = []   # settings besides bits x group_sizes (e.g. per-channel W3)
     importance: list[Literal["gradient", "constant", "random", "fastv", "pact"]] = ["gradient"]
     gptq_precursor_at_2bit: bool = True   # the paper's ‡ rows: VLMQ on GPTQ at 2 bits
     engine: Literal["threads", "dask"] = "threads"

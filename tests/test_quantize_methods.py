@@ -228,3 +228,17 @@ def test_solver_method_per_method():
            for m in ("awq", "mbq", "vlm_ptq", "vlmq+vlm_ptq", "vlmq", "gptaq")}
     assert got == {"awq": "rtn", "mbq": "rtn", "vlm_ptq": "gptaq", "vlmq+vlm_ptq": "gptq", "vlmq": "gptq",
                    "gptaq": "gptaq"}
+
+
+def test_sweep_extra_points_add_settings_for_every_method():
+    from pipeline.sweep import expand_grid
+    from stages.params import parse_params, run_name
+
+    p = parse_params({"sweep": {"methods": ["rtn", "gptq"], "bits": [4], "group_sizes": [128],
+                                "extra_points": [{"bits": 3, "group_size": -1}]}})
+    cfgs = expand_grid(p)
+    got = sorted((c["quant"]["method"], c["quant"]["bits"], c["quant"]["group_size"]) for c in cfgs)
+    assert got == [("gptq", 3, -1), ("gptq", 4, 128), ("rtn", 3, -1), ("rtn", 4, 128)]
+    assert len({run_name(parse_params(c)) for c in cfgs}) == 4
+    with pytest.raises(Exception, match="group_size"):
+        parse_params({"sweep": {"extra_points": [{"bits": 3, "group_size": 0}]}})

@@ -203,6 +203,7 @@ class TrainConfig:
     attn_layer: int = 2
     vision_warmup_steps: int = 0
     latent_weight: float = 0.0
+    latent_start: int = 0
 
 
 def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
@@ -324,7 +325,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             attn_loss = _attention_loss(out.attentions[cfg.attn_layer], ids, attn_q, img_id, vend_id)
             loss = loss + cfg.attn_weight * attn_loss
             stats["attn"] = stats.get("attn", 0.0) + attn_loss.item()
-        if cfg.latent_weight > 0 and latent_q:
+        if cfg.latent_weight > 0 and latent_q and step >= cfg.latent_start:
             # what the answer is computed from, readable after the supervised attention layer
             hq = out.hidden_states[cfg.attn_layer + 1]
             terms = [F.cross_entropy(aux.latent[k](F.layer_norm(hq[b, p], (hidden,)))[None], torch.tensor([v]))
