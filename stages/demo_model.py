@@ -47,7 +47,7 @@ def main() -> None:
     config = build_config(tokenizer, hidden_size=mp.hidden_size, intermediate_size=mp.intermediate_size,
                           num_layers=mp.num_layers, num_heads=mp.num_heads, mrope_section=mp.mrope_section,
                           vision_depth=mp.vision_depth, vision_embed_dim=mp.vision_embed_dim,
-                          vision_heads=mp.vision_heads)
+                          vision_heads=mp.vision_heads, rope_theta=mp.rope_theta)
     model = Qwen2VLForConditionalGeneration(config)
     # Hold out the last images (single questions) to monitor accuracy during training.
     holdout_rows = rows[len(rows) - tp.holdout:] if tp.holdout else []
@@ -67,7 +67,8 @@ def main() -> None:
                       curriculum_steps=tp.curriculum_steps, save_every=tp.save_every,
                       attn_weight=tp.attn_weight, attn_layer=tp.attn_layer,
                       vision_warmup_steps=tp.vision_warmup_steps, latent_weight=tp.latent_weight,
-                      latent_start=tp.latent_start)
+                      latent_start=tp.latent_start, count_target=tp.count_target,
+                      value_weight=tp.value_weight, option_weight=tp.option_weight)
 
     def checkpoint(step: int) -> None:  # monitoring snapshot (not the deliverable)
         ckpt = out_dir / "model.ckpt"

@@ -172,6 +172,7 @@ class DemoModelParams(_Strict):
     vision_depth: int = Field(2, ge=1)
     vision_embed_dim: int = Field(128, ge=16)
     vision_heads: int = Field(4, ge=1)
+    rope_theta: float = Field(10000.0, gt=0.0)  # decoder RoPE base (M-RoPE's width section gets its lowest frequencies)
 
     @field_validator("hidden_size", "intermediate_size")
     @classmethod
@@ -206,6 +207,9 @@ class DemoTrainParams(_Strict):
     latent_weight: float = Field(0.0, ge=0.0)  # probes of what the answer is computed from, at the answer token
     latent_start: int = Field(0, ge=0)         # training step from which the latent probes are on
     vision_warmup_steps: int = Field(300, ge=0)  # vision tower + merger alone on the per-cell probes first
+    count_target: Literal["vision_end", "objects"] = "vision_end"  # where count answers' heads 0/1 look
+    value_weight: float = Field(0.0, ge=0.0)   # probes of cell row/column and option letter on heads 0/1's values
+    option_weight: float = Field(0.0, ge=0.0)  # multiple choice: next layer's heads 0/1 onto the right option's text
 
 
 class DemoParams(_Strict):

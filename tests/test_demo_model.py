@@ -112,6 +112,44 @@ def test_encoder_matches_chat_template(processor, data):
     assert processor.tokenizer.decode(e.ids[pos - 2: pos]).strip() == f"{mcq['answer']}."  # "C." just before
 
 
+def test_option_tokens_and_spread_count_targets(processor, data):
+    import json
+
+    from vlmq.demo.data import attention_targets, counted_objects, option_spans
+    from vlmq.demo.model import ConversationEncoder
+    from vlmq.demo.render import Scene
+
+    enc = ConversationEncoder(processor.tokenizer, SPEC.grid ** 2)
+    for r in [r for r in data["eval"] if r["skill"] == "mcq"][:5]:
+        e = enc.encode([("What does the text say?", "AB3"), (r["question"], r["answer"])])
+        spans = option_spans(r["question"])
+        assert [l for l, _, _ in spans] == [0, 1, 2, 3]
+        for _, c0, c1 in spans:
+            toks = enc.question_tokens_in(r["question"], c0, c1, e.answer_starts[1])
+            assert processor.tokenizer.decode([e.ids[t] for t in toks]).strip() == r["question"][c0:c1].strip()
+    assert option_spans("How many shapes are there?") == []
+    for r in [r for r in data["eval"] if r["skill"] == "count"][:10]:
+        scene = Scene.from_dict(json.loads(r["scene"]))
+        (h0, h1), = attention_targets(scene, r["question"], r["answer"], "objects")
+        assert h0 == h1 and h0[-1] == -1 and len(h0) == int(r["answer"]) + 1
+        assert len(counted_objects(scene, r["question"])) == int(r["answer"])
+        assert attention_targets(scene, r["question"], r["answer"]) == [([-1], [-1])]
+
+
+def test_spread_attention_loss_is_cross_entropy_from_even_targets():
+    from vlmq.demo.model import _attention_loss
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 7, 7, 7, 8, 1, 2]])  # 7 = image token, 8 = vision end
+    attn = torch.softmax(torch.randn(1, 2, 7, 7, dtype=torch.float64), -1)
+    q = [(0, 6, ([0, 2, -1], [1]))]
+    got = _attention_loss(attn, ids, q, 7, 8, spread=True)
+    want = (-(attn[0, 0, 6, [1, 3, 4]].log().mean()) - attn[0, 1, 6, 2].log()) / 2
+    assert torch.allclose(got, want, atol=1e-5)
+    got_mass = _attention_loss(attn, ids, q, 7, 8)
+    assert torch.allclose(got_mass, (-(attn[0, 0, 6, [1, 3, 4]].sum().log()) - attn[0, 1, 6, 2].log()) / 2, atol=1e-5)
+
+
 def test_tiny_model_save_load_equal_logits(tiny_model, processor, data, tmp_path):
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -148,6 +186,14 @@ def test_train_steps_and_evaluation_helpers(tiny_model, processor, data):
     latent = [float(l.split(" latent ")[1].split()[0]) for l in lines if l.startswith("step ")]
     assert latent and all(x > 0 for x in latent)  # and the answer-latent probes
     assert model.config._attn_implementation == "sdpa"  # saved as a plain model
+    # the value probes, the option attention and the spread count targets
+    cfg2 = TrainConfig(**{**cfg.__dict__, "latent_weight": 0.0, "vision_warmup_steps": 0, "count_target": "objects",
+                          "value_weight": 1.0, "option_weight": 1.0})
+    lines2 = []
+    train(copy.deepcopy(tiny_model), processor, data["train"], cfg2, SPEC.grid, log=lines2.append)
+    steps2 = [l for l in lines2 if l.startswith("step ")]
+    assert steps2 and all(float(l.split(" value ")[1].split()[0]) > 0 for l in steps2)
+    assert all(float(l.split(" option ")[1].split()[0]) >= 0 for l in steps2)
     rows = data["eval"][:4]
     preds = ev.greedy_answers(model, processor, rows, batch_size=2, max_new_tokens=3)
     assert len(preds) == 4 and all(isinstance(p, str) for p in preds)

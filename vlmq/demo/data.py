@@ -158,14 +158,18 @@ def _objects_in(scene: Scene, sel) -> list[int]:
     return [o.row * scene.grid + o.col for o in scene.objects if sel(o)]
 
 
-def attention_targets(scene: Scene, question: str, answer: str) -> list[tuple[list[int], list[int]]] | None:
+def attention_targets(scene: Scene, question: str, answer: str,
+                      count_target: str = "vision_end") -> list[tuple[list[int], list[int]]] | None:
     """Where a model should look to produce each answer token (a training-only signal).
 
     One entry per answer token that has a target: ``(cells_head0, cells_head1)``, lists of image
-    cells (row-major) or ``[-1]`` for the ``<|vision_end|>`` token (which carries the counts).
+    cells (row-major) or ``-1`` for the ``<|vision_end|>`` token.
     The text skill's k-th character looks at the k-th code cell; position questions look at the
-    first named object with one head and the second with the other; counts look at
-    ``<|vision_end|>``; everything else at the cells of the objects the question names.
+    first named object with one head and the second with the other; everything else at the cells
+    of the objects the question names. Counts: ``count_target="vision_end"`` looks at
+    ``<|vision_end|>`` only (which carries the counts); ``"objects"`` at the counted objects' cells
+    *and* ``<|vision_end|>`` (spread evenly, the share left on ``<|vision_end|>`` is 1/(n+1), from
+    which n can be read off).
     ``None`` where the question has no target (e.g. it names nothing drawn).
     """
     import re
@@ -177,7 +181,10 @@ def attention_targets(scene: Scene, question: str, answer: str) -> list[tuple[li
     if q in ("What does the text say?", "Read the text in the image."):
         return [([c], [c]) for c in (scene.code_row * scene.grid + scene.code_col + i for i in range(len(answer)))]
     if q.startswith("How many"):
-        return [([-1], [-1])]
+        if count_target == "vision_end":
+            return [([-1], [-1])]
+        cells = [o.row * scene.grid + o.col for o in counted_objects(scene, q)] + [-1]
+        return [(cells, cells)]
     if m := re.fullmatch(r"What (?:color is|is the color of) the (\w+)\?", q):
         cells = _objects_in(scene, lambda o: o.shape == m[1])
         return [(cells, cells)] if cells else None
@@ -188,6 +195,36 @@ def attention_targets(scene: Scene, question: str, answer: str) -> list[tuple[li
         cells = _objects_in(scene, lambda o: f". {o.name}" in opts)
         return [(cells, cells)] if cells else None
     return None
+
+
+def counted_objects(scene: Scene, question: str) -> list:
+    """The objects a "How many ...?" question counts."""
+    import re
+
+    if question == "How many shapes are there?":
+        return list(scene.objects)
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return [o for o in scene.objects if o.color == m[1]]
+    if m := re.fullmatch(r"How many (\w+)s are there\?", question):
+        return [o for o in scene.objects if o.shape == m[1]]
+    raise ValueError(f"not a count question: {question!r}")
+
+
+def option_spans(question: str) -> list[tuple[int, int, int]]:
+    """``(letter index, start, end)`` character spans, in ``question``, of every option's text of
+    a multiple-choice prompt (``format_mcq``); ``[]`` for other questions."""
+    import re
+
+    if not question.startswith("Question: "):
+        return []
+    line_start = question.index("\nOptions: ") + len("\nOptions: ")
+    line = question[line_start:].split("\n")[0]
+    marks = list(re.finditer(r"(?:^| )([A-D])\. ", line))
+    out = []
+    for k, m in enumerate(marks):
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(line)
+        out.append((LETTERS.index(m[1]), line_start + m.end(), line_start + end))
+    return out
 
 
 LATENTS: dict[str, int] = {"a_row": 0, "a_col": 0, "b_row": 0, "b_col": 0, "count": 7,
@@ -213,14 +250,7 @@ def answer_latents(scene: Scene, question: str, answer: str) -> tuple[dict[str, 
             o = next(o for o in scene.objects if o.name == name)
             return {"color": list(COLORS).index(o.color), "shape": SHAPES.index(o.shape)}, opt_at
     if q.startswith("How many"):
-        objs = scene.objects
-        if q == "How many shapes are there?":
-            pass
-        elif m := re.fullmatch(r"How many (\w+) shapes are there\?", q):
-            objs = [o for o in objs if o.color == m[1]]
-        elif m := re.fullmatch(r"How many (\w+)s are there\?", q):
-            objs = [o for o in objs if o.shape == m[1]]
-        return {"count": min(len(objs), LATENTS["count"] - 1)}, opt_at
+        return {"count": min(len(counted_objects(scene, q)), LATENTS["count"] - 1)}, opt_at
     if m := re.fullmatch(r"What (?:color is|is the color of) the (\w+)\?", q):
         o = next(o for o in scene.objects if o.shape == m[1])
         return {"color": list(COLORS).index(o.color)}, opt_at

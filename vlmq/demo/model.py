@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlmq.demo.data import LATENTS, answer_latents, attention_targets
+from vlmq.demo.data import LATENTS, answer_latents, attention_targets, option_spans
 from vlmq.demo.render import CODE_ALPHABET, COLORS, SHAPES, SIZES, Scene
 
 MAX_COUNT = 7  # count classes 0..6
@@ -35,7 +35,7 @@ MAX_COUNT = 7  # count classes 0..6
 
 def build_config(tokenizer, *, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
                  mrope_section: Sequence[int], vision_depth: int, vision_embed_dim: int, vision_heads: int,
-                 max_positions: int = 1024):
+                 max_positions: int = 1024, rope_theta: float = 10000.0):
     """A Qwen2VLConfig for the demo tokenizer (token ids taken from it)."""
     from transformers import Qwen2VLConfig
 
@@ -46,7 +46,7 @@ def build_config(tokenizer, *, hidden_size: int, intermediate_size: int, num_lay
         vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
         max_position_embeddings=max_positions, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
+        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta), "mrope_section": list(mrope_section)},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
     vision_config = dict(depth=vision_depth, embed_dim=vision_embed_dim, hidden_size=hidden_size,
@@ -85,6 +85,22 @@ class AuxHeads(nn.Module):
         self.latent = nn.ModuleDict({k: nn.Linear(hidden, n or grid) for k, n in LATENTS.items()})
         self.n_counts = 1 + len(COLORS) + len(SHAPES)
         self.count = nn.Linear(hidden, self.n_counts * MAX_COUNT)
+
+
+class ValueHeads(nn.Module):
+    """Training-only linear probes on the value vectors of the two supervised heads.
+
+    ``pos[h]``: the (row, column) of an image token, regressed (standardised) from head ``h``'s
+    value vector in decoder layer ``attn_layer``, so that what the head fetches from a cell says
+    where the cell is and a position answer is a linear read-out of the two fetched values;
+    ``letter[h]``: the option letter of a multiple-choice option's text token, from head ``h``'s
+    value vector in layer ``attn_layer + 1``.
+    """
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.pos = nn.ModuleList(nn.Linear(head_dim, 2) for _ in range(2))
+        self.letter = nn.ModuleList(nn.Linear(head_dim, 4) for _ in range(2))
 
 
 def scene_targets(scene: Scene) -> dict[str, torch.Tensor]:
@@ -138,6 +154,16 @@ class ConversationEncoder:
             if a <= char < b:
                 return q_start + t
         raise ValueError(f"character {char} of {question!r} is in no token")
+
+    def question_tokens_in(self, question: str, c0: int, c1: int, answer_start: int) -> list[int]:
+        """Sequence positions of the question tokens overlapping characters ``[c0, c1)`` of
+        ``question`` (the turn whose answer starts at ``answer_start``)."""
+        offsets = self.tok(question, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        q_start = answer_start - len(self.to_assistant) - len(offsets)
+        out = [q_start + t for t, (a, b) in enumerate(offsets) if a < c1 and b > c0 and question[a:b].strip()]
+        if not out:
+            raise ValueError(f"characters {c0}:{c1} of {question!r} are in no token")
+        return out
 
     def encode(self, turns: Sequence[tuple[str, str]]) -> Encoded:
         ids: list[int] = []
@@ -204,6 +230,9 @@ class TrainConfig:
     vision_warmup_steps: int = 0
     latent_weight: float = 0.0
     latent_start: int = 0
+    count_target: str = "vision_end"
+    value_weight: float = 0.0
+    option_weight: float = 0.0
 
 
 def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
@@ -228,7 +257,8 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
     vend_id = model.config.vision_end_token_id
     pad_id = tok.pad_token_id
 
-    if cfg.attn_weight > 0 or cfg.latent_weight > 0:  # attention probabilities are needed (training only; saved as sdpa)
+    need_attn = cfg.attn_weight > 0 or cfg.latent_weight > 0 or cfg.option_weight > 0
+    if need_attn:  # attention probabilities are needed (training only; saved as sdpa)
         model.set_attn_implementation("eager")
     if cfg.qk_init_std > 0:
         g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -238,6 +268,15 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
                     lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * cfg.qk_init_std)
 
     params = list(model.parameters()) + list(aux.parameters())
+    layers = model.model.language_model.layers
+    head_dim = hidden // model.config.text_config.num_attention_heads
+    vheads, v_out, v_hooks = None, {}, []
+    if cfg.value_weight > 0:  # built only when used: the default build's RNG stream is unchanged
+        vheads = ValueHeads(head_dim)
+        params += list(vheads.parameters())
+        for li in (cfg.attn_layer, cfg.attn_layer + 1):
+            v_hooks.append(layers[li].self_attn.v_proj.register_forward_hook(
+                lambda m, i, o, li=li: v_out.__setitem__(li, o)))
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=cfg.weight_decay)
     merger_out: dict[str, torch.Tensor] = {}
     hook = model.model.visual.merger.register_forward_hook(lambda m, i, o: merger_out.__setitem__("x", o))
@@ -250,6 +289,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
 
     def batch_of(idx: list[int]):
         images, encs, tgts, attn_q, latent_q, option_q = [], [], [], [], [], []
+        letter_q, pick_q = [], []  # (row, token, letter) of option text; (row, query, tokens) of the right option
         for i in idx:
             r = rows[i]
             images.append(Image.open(io.BytesIO(r["image"])).convert("RGB"))
@@ -262,7 +302,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             tgts.append(scene_targets(scene))
             b = len(encs) - 1
             for (q, a), start in zip(turns, e.answer_starts):
-                for k, cells in enumerate(attention_targets(scene, q, a) or []):
+                for k, cells in enumerate(attention_targets(scene, q, a, cfg.count_target) or []):
                     # logits at position start+k-1 predict answer token k
                     attn_q.append((b, start + k - 1, cells))
                 if cfg.latent_weight > 0:
@@ -271,10 +311,17 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
                         latent_q.append((b, start - 1, lat))
                     if opt_at is not None:  # where the letter of the correct option can be read off
                         option_q.append((b, start - 1, enc.question_token_at(q, opt_at, start)))
+                if cfg.value_weight > 0 or cfg.option_weight > 0:
+                    for letter, c0, c1 in option_spans(q):
+                        toks = enc.question_tokens_in(q, c0, c1, start)
+                        letter_q += [(b, t, letter) for t in toks]
+                        if a == "ABCD"[letter]:
+                            pick_q.append((b, start - 1, toks))
         ids, lab, att = pad_batch(encs, pad_id)
         pix = processor.image_processor(images=images, return_tensors="pt")
         t = {k: torch.stack([x[k] for x in tgts]) for k in tgts[0]}
-        return ids, lab, att, pix["pixel_values"], pix["image_grid_thw"], t, (attn_q, latent_q, option_q)
+        return (ids, lab, att, pix["pixel_values"], pix["image_grid_thw"], t,
+                (attn_q, latent_q, option_q, letter_q, pick_q))
 
     if cfg.vision_warmup_steps:
         _vision_warmup(model, processor, aux, rows, cfg, n_img_tok, rng, log)
@@ -291,13 +338,13 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
                 rng.shuffle(perm)
                 order += perm
             idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        ids, lab, att, pix, thw, tg, (attn_q, latent_q, option_q) = batch_of(idx)
+        ids, lab, att, pix, thw, tg, (attn_q, latent_q, option_q, letter_q, pick_q) = batch_of(idx)
         lr = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
         for gr in opt.param_groups:
             gr["lr"] = lr
         out = model(input_ids=ids, attention_mask=att, pixel_values=pix, image_grid_thw=thw,
                     mm_token_type_ids=(ids == img_id).long(), output_hidden_states=True,
-                    output_attentions=cfg.attn_weight > 0 or cfg.latent_weight > 0, use_cache=False)
+                    output_attentions=need_attn, use_cache=False)
         logits = out.logits[:, :-1]
         tgt = lab[:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
@@ -322,7 +369,8 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
         scale_penalty = 10.0 * F.relu(vis_raw.pow(2).mean() - 1e-2)
         loss = ce + cfg.aux_weight * aux_loss + scale_penalty
         if cfg.attn_weight > 0 and attn_q:
-            attn_loss = _attention_loss(out.attentions[cfg.attn_layer], ids, attn_q, img_id, vend_id)
+            attn_loss = _attention_loss(out.attentions[cfg.attn_layer], ids, attn_q, img_id, vend_id,
+                                        spread=cfg.count_target == "objects")
             loss = loss + cfg.attn_weight * attn_loss
             stats["attn"] = stats.get("attn", 0.0) + attn_loss.item()
         if cfg.latent_weight > 0 and latent_q and step >= cfg.latent_start:
@@ -337,6 +385,27 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
                                                    for h in (0, 1)]).mean()
             loss = loss + cfg.latent_weight * lat_loss
             stats["latent"] = stats.get("latent", 0.0) + lat_loss.item()
+        if vheads is not None:
+            # where a cell is, readable from what heads 0/1 of attn_layer fetch from it
+            v = v_out[cfg.attn_layer][img_mask].reshape(B, n_img_tok, -1)
+            rc = torch.stack([tg["row"], tg["col"]], -1).float()
+            rc = (rc - (grid - 1) / 2) / (((grid ** 2 - 1) / 12) ** 0.5)  # standardised
+            v_loss = sum(F.mse_loss(vheads.pos[h](v[..., h * head_dim:(h + 1) * head_dim]), rc) for h in (0, 1))
+            if letter_q:  # the option letter, readable from what heads 0/1 of the next layer fetch
+                v2 = v_out[cfg.attn_layer + 1]
+                vb = torch.stack([v2[b, t] for b, t, _ in letter_q])
+                let = torch.tensor([x for _, _, x in letter_q])
+                v_loss = v_loss + sum(F.cross_entropy(vheads.letter[h](vb[:, h * head_dim:(h + 1) * head_dim]), let)
+                                      for h in (0, 1))
+            loss = loss + cfg.value_weight * v_loss
+            stats["value"] = stats.get("value", 0.0) + v_loss.item()
+        if cfg.option_weight > 0 and pick_q:
+            # multiple choice: heads 0/1 of the next layer look at the right option's text
+            att2 = out.attentions[cfg.attn_layer + 1]
+            o_loss = torch.stack([-torch.log(att2[b, h, p, toks].sum() + 1e-6) for b, p, toks in pick_q
+                                  for h in (0, 1)]).mean()
+            loss = loss + cfg.option_weight * o_loss
+            stats["option"] = stats.get("option", 0.0) + o_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -353,6 +422,9 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             msg = (f"step {step + 1}/{cfg.steps} lr {lr:.2e} ce {stats['loss'] / n:.4f} aux {stats['aux'] / n:.3f} "
                    f"attn {stats.get('attn', 0.0) / n:.3f} latent {stats.get('latent', 0.0) / n:.3f} "
                    f"tok_acc {stats['acc'] / n:.4f} elapsed {time.time() - t0:.0f}s")
+            if vheads is not None or cfg.option_weight > 0:
+                msg = msg.replace(" tok_acc", f" value {stats.get('value', 0.0) / n:.3f} "
+                                              f"option {stats.get('option', 0.0) / n:.3f} tok_acc")
             if holdout is not None:
                 msg += f" | holdout {holdout_accuracy(model, processor, holdout, enc):s}"
                 model.train()
@@ -364,7 +436,9 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             checkpoint(step + 1)
             model.train()
     hook.remove()
-    if cfg.attn_weight > 0 or cfg.latent_weight > 0:
+    for hk in v_hooks:
+        hk.remove()
+    if need_attn:
         model.set_attn_implementation("sdpa")
     model.eval()
     return {"final": hist, "seconds": time.time() - t0}
@@ -403,8 +477,11 @@ def _vision_warmup(model, processor, aux: AuxHeads, rows: list[dict], cfg: Train
                 f"elapsed {time.time() - t0:.0f}s")
 
 
-def _attention_loss(attn: torch.Tensor, ids: torch.Tensor, queries: list, img_id: int, vend_id: int) -> torch.Tensor:
-    """-log(attention mass on the target tokens) of heads 0 and 1 at the supervised positions.
+def _attention_loss(attn: torch.Tensor, ids: torch.Tensor, queries: list, img_id: int, vend_id: int,
+                    spread: bool = False) -> torch.Tensor:
+    """-log(attention mass on the target tokens) of heads 0 and 1 at the supervised positions;
+    with ``spread``, the cross-entropy from the even distribution over the targets instead
+    (-mean log of each target's attention), so that the mass is shared equally.
 
     ``attn``: [B, heads, L, L] probabilities of one layer; ``queries``: (batch row, query
     position, (cells_head0, cells_head1)) with cells indexing the row's image tokens, -1 meaning
@@ -416,7 +493,8 @@ def _attention_loss(attn: torch.Tensor, ids: torch.Tensor, queries: list, img_id
         vend = (ids[b] == vend_id).nonzero().flatten()
         for h, cs in enumerate(cells):
             pos = torch.stack([vend[0] if c < 0 else img_pos[c] for c in cs])
-            terms.append(-torch.log(attn[b, h, p, pos].sum() + 1e-6))
+            a = attn[b, h, p, pos]
+            terms.append(-torch.log(a + 1e-6).mean() if spread else -torch.log(a.sum() + 1e-6))
     return torch.stack(terms).mean()
 
 
