@@ -205,7 +205,7 @@ class DemoTrainParams(_Strict):
     attn_weight: float = Field(1.0, ge=0.0)    # supervision of 2 heads' attention at answer tokens (0 = off)
     attn_layer: int = Field(2, ge=0)           # decoder layer whose heads 0/1 are supervised
     latent_weight: float = Field(0.0, ge=0.0)  # probes of what the answer is computed from, at the answer token
-    latent_start: int = Field(0, ge=0)         # training step from which the latent probes are on
+    latent_start: int = Field(0, ge=0)         # step from which latent/value/option supervision and count_target are on
     vision_warmup_steps: int = Field(300, ge=0)  # vision tower + merger alone on the per-cell probes first
     count_target: Literal["vision_end", "objects"] = "vision_end"  # where count answers' heads 0/1 look
     value_weight: float = Field(0.0, ge=0.0)   # probes of cell row/column and option letter on heads 0/1's values

@@ -287,7 +287,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
     hist: dict[str, float] = {}
     stats = {"loss": 0.0, "aux": 0.0, "acc": 0.0, "n": 0}
 
-    def batch_of(idx: list[int]):
+    def batch_of(idx: list[int], count_target: str = "vision_end"):
         images, encs, tgts, attn_q, latent_q, option_q = [], [], [], [], [], []
         letter_q, pick_q = [], []  # (row, token, letter) of option text; (row, query, tokens) of the right option
         for i in idx:
@@ -302,7 +302,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             tgts.append(scene_targets(scene))
             b = len(encs) - 1
             for (q, a), start in zip(turns, e.answer_starts):
-                for k, cells in enumerate(attention_targets(scene, q, a, cfg.count_target) or []):
+                for k, cells in enumerate(attention_targets(scene, q, a, count_target) or []):
                     # logits at position start+k-1 predict answer token k
                     attn_q.append((b, start + k - 1, cells))
                 if cfg.latent_weight > 0:
@@ -338,7 +338,9 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
                 rng.shuffle(perm)
                 order += perm
             idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        ids, lab, att, pix, thw, tg, (attn_q, latent_q, option_q, letter_q, pick_q) = batch_of(idx)
+        late = step >= cfg.latent_start  # the supervision of what answers are computed from is on
+        count_target = cfg.count_target if late else "vision_end"
+        ids, lab, att, pix, thw, tg, (attn_q, latent_q, option_q, letter_q, pick_q) = batch_of(idx, count_target)
         lr = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
         for gr in opt.param_groups:
             gr["lr"] = lr
@@ -370,10 +372,10 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
         loss = ce + cfg.aux_weight * aux_loss + scale_penalty
         if cfg.attn_weight > 0 and attn_q:
             attn_loss = _attention_loss(out.attentions[cfg.attn_layer], ids, attn_q, img_id, vend_id,
-                                        spread=cfg.count_target == "objects")
+                                        spread=count_target == "objects")
             loss = loss + cfg.attn_weight * attn_loss
             stats["attn"] = stats.get("attn", 0.0) + attn_loss.item()
-        if cfg.latent_weight > 0 and latent_q and step >= cfg.latent_start:
+        if cfg.latent_weight > 0 and latent_q and late:
             # what the answer is computed from, readable after the supervised attention layer
             hq = out.hidden_states[cfg.attn_layer + 1]
             terms = [F.cross_entropy(aux.latent[k](F.layer_norm(hq[b, p], (hidden,)))[None], torch.tensor([v]))
@@ -385,7 +387,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
                                                    for h in (0, 1)]).mean()
             loss = loss + cfg.latent_weight * lat_loss
             stats["latent"] = stats.get("latent", 0.0) + lat_loss.item()
-        if vheads is not None:
+        if vheads is not None and late:
             # where a cell is, readable from what heads 0/1 of attn_layer fetch from it
             v = v_out[cfg.attn_layer][img_mask].reshape(B, n_img_tok, -1)
             rc = torch.stack([tg["row"], tg["col"]], -1).float()
@@ -399,7 +401,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
                                       for h in (0, 1))
             loss = loss + cfg.value_weight * v_loss
             stats["value"] = stats.get("value", 0.0) + v_loss.item()
-        if cfg.option_weight > 0 and pick_q:
+        if cfg.option_weight > 0 and pick_q and late:
             # multiple choice: heads 0/1 of the next layer look at the right option's text
             att2 = out.attentions[cfg.attn_layer + 1]
             o_loss = torch.stack([-torch.log(att2[b, h, p, toks].sum() + 1e-6) for b, p, toks in pick_q
