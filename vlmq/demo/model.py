@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlmq.demo.data import LATENTS, answer_latents, attention_targets, option_spans
+from vlmq.demo.data import LATENTS, LETTERS, answer_latents, attention_targets, option_spans
 from vlmq.demo.render import CODE_ALPHABET, COLORS, SHAPES, SIZES, Scene
 
 MAX_COUNT = 7  # count classes 0..6
@@ -315,7 +315,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
                     for letter, c0, c1 in option_spans(q):
                         toks = enc.question_tokens_in(q, c0, c1, start)
                         letter_q += [(b, t, letter) for t in toks]
-                        if a == "ABCD"[letter]:
+                        if a == LETTERS[letter]:
                             pick_q.append((b, start - 1, toks))
         ids, lab, att = pad_batch(encs, pad_id)
         pix = processor.image_processor(images=images, return_tensors="pt")
