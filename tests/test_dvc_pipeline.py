@@ -37,7 +37,7 @@ def make_repo(tmp_path, tiny_vlm):
     """A throwaway git + DVC repository with the project's DAG and a tiny configuration."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for item in ("dvc.yaml", "stages", "pipeline", "vlmq", "benchmarks"):
+    for item in ("dvc.yaml", ".gitignore", "stages", "pipeline", "vlmq", "benchmarks"):  # .gitignore: dvc.lock must stay committable
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item,
                                                             **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
