@@ -145,11 +145,16 @@ class ConversationEncoder:
             self.cache[s] = self.tok(s, add_special_tokens=False)["input_ids"]
         return self.cache[s]
 
+    def _question_offsets(self, question: str, answer_start: int) -> tuple[int, list[tuple[int, int]]]:
+        """Sequence position of the first token of ``question`` (the turn whose answer starts at
+        ``answer_start``) and the character span of each of its tokens."""
+        offsets = self.tok(question, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return answer_start - len(self.to_assistant) - len(offsets), offsets
+
     def question_token_at(self, question: str, char: int, answer_start: int) -> int:
         """Sequence position of the question token covering character ``char`` of ``question``
         (the turn whose answer starts at ``answer_start``)."""
-        offsets = self.tok(question, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        q_start = answer_start - len(self.to_assistant) - len(offsets)
+        q_start, offsets = self._question_offsets(question, answer_start)
         for t, (a, b) in enumerate(offsets):
             if a <= char < b:
                 return q_start + t
@@ -158,8 +163,7 @@ class ConversationEncoder:
     def question_tokens_in(self, question: str, c0: int, c1: int, answer_start: int) -> list[int]:
         """Sequence positions of the question tokens overlapping characters ``[c0, c1)`` of
         ``question`` (the turn whose answer starts at ``answer_start``)."""
-        offsets = self.tok(question, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        q_start = answer_start - len(self.to_assistant) - len(offsets)
+        q_start, offsets = self._question_offsets(question, answer_start)
         out = [q_start + t for t, (a, b) in enumerate(offsets) if a < c1 and b > c0 and question[a:b].strip()]
         if not out:
             raise ValueError(f"characters {c0}:{c1} of {question!r} are in no token")
@@ -314,8 +318,9 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
                 if cfg.value_weight > 0 or cfg.option_weight > 0:
                     for letter, c0, c1 in option_spans(q):
                         toks = enc.question_tokens_in(q, c0, c1, start)
-                        letter_q += [(b, t, letter) for t in toks]
-                        if a == LETTERS[letter]:
+                        if cfg.value_weight > 0:
+                            letter_q += [(b, t, letter) for t in toks]
+                        if cfg.option_weight > 0 and a == LETTERS[letter]:
                             pick_q.append((b, start - 1, toks))
         ids, lab, att = pad_batch(encs, pad_id)
         pix = processor.image_processor(images=images, return_tensors="pt")
