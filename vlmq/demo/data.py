@@ -4,7 +4,7 @@ Skills (the ``skill`` column):
 
 * ``color``    - "What color is the triangle?" -> ``red``
 * ``count``    - "How many blue shapes are there?" -> ``2``
-* ``position`` - "Is the red circle left or right of the green square?" -> ``left``
+* ``position`` - "Is the red circle in the left or right half of the image?" -> ``left``
 * ``text``     - "What does the text say?" -> ``K7B2`` (a code of several characters)
 * ``mcq``      - ScienceQA-style lettered multiple choice over the above -> ``C``
 
@@ -63,6 +63,11 @@ def _unique_shape_objects(scene: Scene) -> list:
     return [o for o in scene.objects if counts[o.shape] == 1]
 
 
+def _unique_color_objects(scene: Scene) -> list:
+    counts = {c: sum(o.color == c for o in scene.objects) for c in COLORS}
+    return [o for o in scene.objects if counts[o.color] == 1]
+
+
 def q_color(scene: Scene, rng: random.Random) -> QA | None:
     cands = _unique_shape_objects(scene)
     if not cands:
@@ -89,15 +94,11 @@ def q_count(scene: Scene, rng: random.Random) -> QA | None:
 
 
 def q_position(scene: Scene, rng: random.Random) -> QA | None:
-    if len(scene.objects) < 2:
-        return None
-    a, b = rng.sample(list(scene.objects), 2)
-    horizontal = a.col != b.col and (a.row == b.row or rng.random() < 0.5)
-    if horizontal:
-        return f"Is the {a.name} left or right of the {b.name}?", "left" if a.col < b.col else "right"
-    if a.row == b.row:
-        return None
-    return f"Is the {a.name} above or below the {b.name}?", "above" if a.row < b.row else "below"
+    o = rng.choice(list(scene.objects))
+    half = scene.grid / 2
+    if rng.random() < 0.5:
+        return f"Is the {o.name} in the left or right half of the image?", "left" if o.col < half else "right"
+    return f"Is the {o.name} in the top or bottom half of the image?", "top" if o.row < half else "bottom"
 
 
 def q_text(scene: Scene, rng: random.Random) -> QA | None:
@@ -112,7 +113,7 @@ def format_mcq(question: str, options: list[str]) -> str:
 
 
 def q_mcq(scene: Scene, rng: random.Random) -> QA | None:
-    kind = rng.choice(["color", "count", "present"])
+    kind = rng.choice(["color", "count", "shape"])
     if kind == "color":
         cands = _unique_shape_objects(scene)
         if not cands:
@@ -125,10 +126,12 @@ def q_mcq(scene: Scene, rng: random.Random) -> QA | None:
         right = str(n)
         wrong = [str(k) for k in rng.sample([k for k in range(7) if k != n], 3)]
     else:
-        present = {o.name for o in scene.objects}
-        absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present]
-        question, right = "Which of these objects is in the image?", rng.choice(sorted(present))
-        wrong = rng.sample(absent, 3)
+        cands = _unique_color_objects(scene)
+        if not cands:
+            return None
+        o = rng.choice(cands)
+        question, right = f"What shape is the {o.color} object?", o.shape
+        wrong = [x for x in SHAPES if x != right]
     options = wrong + [right]
     rng.shuffle(options)
     return format_mcq(question, options), LETTERS[options.index(right)]
@@ -164,9 +167,8 @@ def attention_targets(scene: Scene, question: str, answer: str,
 
     One entry per answer token that has a target: ``(cells_head0, cells_head1)``, lists of image
     cells (row-major) or ``-1`` for the ``<|vision_end|>`` token.
-    The text skill's k-th character looks at the k-th code cell; position questions look at the
-    first named object with one head and the second with the other; everything else at the cells
-    of the objects the question names. Counts: ``count_target="vision_end"`` looks at
+    The text skill's k-th character looks at the k-th code cell; everything else at the cells of
+    the objects the question names. Counts: ``count_target="vision_end"`` looks at
     ``<|vision_end|>`` only (which carries the counts); ``"objects"`` at the counted objects' cells
     *and* ``<|vision_end|>`` (spread evenly, the share left on ``<|vision_end|>`` is 1/(n+1), from
     which n can be read off).
@@ -174,10 +176,7 @@ def attention_targets(scene: Scene, question: str, answer: str,
     """
     import re
 
-    q = question
-    opts = ""
-    if q.startswith("Question: "):
-        q, opts = q.split("\n")[0].removeprefix("Question: "), q.split("\n")[1]
+    q = question.split("\n")[0].removeprefix("Question: ")  # multiple choice: the question line
     if q in ("What does the text say?", "Read the text in the image."):
         return [([c], [c]) for c in (scene.code_row * scene.grid + scene.code_col + i for i in range(len(answer)))]
     if q.startswith("How many"):
@@ -188,11 +187,11 @@ def attention_targets(scene: Scene, question: str, answer: str,
     if m := re.fullmatch(r"What (?:color is|is the color of) the (\w+)\?", q):
         cells = _objects_in(scene, lambda o: o.shape == m[1])
         return [(cells, cells)] if cells else None
-    if m := re.fullmatch(r"Is the (\w+ \w+) (?:left or right of|above or below) the (\w+ \w+)\?", q):
-        a, b = _objects_in(scene, lambda o: o.name == m[1]), _objects_in(scene, lambda o: o.name == m[2])
-        return [(a, b)] if a and b else None
-    if q == "Which of these objects is in the image?":
-        cells = _objects_in(scene, lambda o: f". {o.name}" in opts)
+    if m := re.fullmatch(r"Is the (\w+ \w+) in the (?:left or right|top or bottom) half of the image\?", q):
+        cells = _objects_in(scene, lambda o: o.name == m[1])
+        return [(cells, cells)] if cells else None
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", q):
+        cells = _objects_in(scene, lambda o: o.color == m[1])
         return [(cells, cells)] if cells else None
     return None
 
@@ -227,13 +226,13 @@ def option_spans(question: str) -> list[tuple[int, int, int]]:
     return out
 
 
-LATENTS: dict[str, int] = {"a_row": 0, "a_col": 0, "b_row": 0, "b_col": 0, "count": 7,
+LATENTS: dict[str, int] = {"row": 0, "col": 0, "count": 7,
                            "color": len(COLORS), "shape": len(SHAPES)}  # 0 = the grid size
 
 
 def answer_latents(scene: Scene, question: str, answer: str) -> tuple[dict[str, int], int | None]:
     """Intermediate quantities an answer is computed from (a training-only signal at the first
-    answer token): rows/columns of the two objects of a position question, the count, the colour
+    answer token): the row and column of the object of a position question, the count, the colour
     (and shape) asked about; for a multiple-choice question also the character offset in the
     question of the correct option's text (where the letter can be read off), else ``None``.
     """
@@ -245,19 +244,17 @@ def answer_latents(scene: Scene, question: str, answer: str) -> tuple[dict[str, 
         m = re.search(rf"{answer}\. ", opts)
         opt_at = len(head) + 1 + m.end()
         q = head.removeprefix("Question: ")
-        if q == "Which of these objects is in the image?":
-            name = re.match(r"(\w+ \w+)", opts[m.end():])[1]
-            o = next(o for o in scene.objects if o.name == name)
-            return {"color": list(COLORS).index(o.color), "shape": SHAPES.index(o.shape)}, opt_at
+        if m := re.fullmatch(r"What shape is the (\w+) object\?", q):
+            o = next(o for o in scene.objects if o.color == m[1])
+            return {"shape": SHAPES.index(o.shape)}, opt_at
     if q.startswith("How many"):
         return {"count": min(len(counted_objects(scene, q)), LATENTS["count"] - 1)}, opt_at
     if m := re.fullmatch(r"What (?:color is|is the color of) the (\w+)\?", q):
         o = next(o for o in scene.objects if o.shape == m[1])
         return {"color": list(COLORS).index(o.color)}, opt_at
-    if m := re.fullmatch(r"Is the (\w+ \w+) (?:left or right of|above or below) the (\w+ \w+)\?", q):
-        a = next(o for o in scene.objects if o.name == m[1])
-        b = next(o for o in scene.objects if o.name == m[2])
-        return {"a_row": a.row, "a_col": a.col, "b_row": b.row, "b_col": b.col}, opt_at
+    if m := re.fullmatch(r"Is the (\w+ \w+) in the (?:left or right|top or bottom) half of the image\?", q):
+        o = next(o for o in scene.objects if o.name == m[1])
+        return {"row": o.row, "col": o.col}, opt_at
     return {}, opt_at
 
 
