@@ -27,6 +27,7 @@ import io
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -137,6 +138,12 @@ def q_mcq(scene: Scene, rng: random.Random) -> QA | None:
     return format_mcq(question, options), LETTERS[options.index(right)]
 
 
+# Question templates that the training-only targets parse back (``m[1]``: what the question names).
+COLOR_Q = re.compile(r"What (?:color is|is the color of) the (\w+)\?")
+POSITION_Q = re.compile(r"Is the (\w+ \w+) in the (?:left or right|top or bottom) half of the image\?")
+SHAPE_Q = re.compile(r"What shape is the (\w+) object\?")
+
+
 QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random], QA | None]] = {
     "color": q_color,
     "count": q_count,
@@ -174,7 +181,6 @@ def attention_targets(scene: Scene, question: str, answer: str,
     which n can be read off).
     ``None`` where the question has no target (e.g. it names nothing drawn).
     """
-    import re
 
     q = question.split("\n")[0].removeprefix("Question: ")  # multiple choice: the question line
     if q in ("What does the text say?", "Read the text in the image."):
@@ -184,13 +190,13 @@ def attention_targets(scene: Scene, question: str, answer: str,
             return [([-1], [-1])]
         cells = [o.row * scene.grid + o.col for o in counted_objects(scene, q)] + [-1]
         return [(cells, cells)]
-    if m := re.fullmatch(r"What (?:color is|is the color of) the (\w+)\?", q):
+    if m := COLOR_Q.fullmatch(q):
         cells = _objects_in(scene, lambda o: o.shape == m[1])
         return [(cells, cells)] if cells else None
-    if m := re.fullmatch(r"Is the (\w+ \w+) in the (?:left or right|top or bottom) half of the image\?", q):
+    if m := POSITION_Q.fullmatch(q):
         cells = _objects_in(scene, lambda o: o.name == m[1])
         return [(cells, cells)] if cells else None
-    if m := re.fullmatch(r"What shape is the (\w+) object\?", q):
+    if m := SHAPE_Q.fullmatch(q):
         cells = _objects_in(scene, lambda o: o.color == m[1])
         return [(cells, cells)] if cells else None
     return None
@@ -198,7 +204,6 @@ def attention_targets(scene: Scene, question: str, answer: str,
 
 def counted_objects(scene: Scene, question: str) -> list:
     """The objects a "How many ...?" question counts."""
-    import re
 
     if question == "How many shapes are there?":
         return list(scene.objects)
@@ -212,7 +217,6 @@ def counted_objects(scene: Scene, question: str) -> list:
 def option_spans(question: str) -> list[tuple[int, int, int]]:
     """``(letter index, start, end)`` character spans, in ``question``, of every option's text of
     a multiple-choice prompt (``format_mcq``); ``[]`` for other questions."""
-    import re
 
     if not question.startswith("Question: "):
         return []
@@ -236,7 +240,6 @@ def answer_latents(scene: Scene, question: str, answer: str) -> tuple[dict[str, 
     (and shape) asked about; for a multiple-choice question also the character offset in the
     question of the correct option's text (where the letter can be read off), else ``None``.
     """
-    import re
 
     q, opt_at = question, None
     if q.startswith("Question: "):
@@ -244,15 +247,15 @@ def answer_latents(scene: Scene, question: str, answer: str) -> tuple[dict[str, 
         m = re.search(rf"{answer}\. ", opts)
         opt_at = len(head) + 1 + m.end()
         q = head.removeprefix("Question: ")
-        if m := re.fullmatch(r"What shape is the (\w+) object\?", q):
+        if m := SHAPE_Q.fullmatch(q):
             o = next(o for o in scene.objects if o.color == m[1])
             return {"shape": SHAPES.index(o.shape)}, opt_at
     if q.startswith("How many"):
         return {"count": min(len(counted_objects(scene, q)), LATENTS["count"] - 1)}, opt_at
-    if m := re.fullmatch(r"What (?:color is|is the color of) the (\w+)\?", q):
+    if m := COLOR_Q.fullmatch(q):
         o = next(o for o in scene.objects if o.shape == m[1])
         return {"color": list(COLORS).index(o.color)}, opt_at
-    if m := re.fullmatch(r"Is the (\w+ \w+) in the (?:left or right|top or bottom) half of the image\?", q):
+    if m := POSITION_Q.fullmatch(q):
         o = next(o for o in scene.objects if o.name == m[1])
         return {"row": o.row, "col": o.col}, opt_at
     return {}, opt_at
