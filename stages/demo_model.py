@@ -68,7 +68,8 @@ def main() -> None:
                       attn_weight=tp.attn_weight, attn_layer=tp.attn_layer,
                       vision_warmup_steps=tp.vision_warmup_steps, latent_weight=tp.latent_weight,
                       latent_start=tp.latent_start, count_target=tp.count_target,
-                      value_weight=tp.value_weight, option_weight=tp.option_weight)
+                      value_weight=tp.value_weight, option_weight=tp.option_weight,
+                      route_weight=tp.route_weight)
 
     def checkpoint(step: int) -> None:  # monitoring snapshot (not the deliverable)
         ckpt = out_dir / "model.ckpt"

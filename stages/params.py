@@ -210,6 +210,7 @@ class DemoTrainParams(_Strict):
     count_target: Literal["vision_end", "objects"] = "vision_end"  # where count answers' heads 0/1 look
     value_weight: float = Field(0.0, ge=0.0)   # probes of cell row/column and option letter on heads 0/1's values
     option_weight: float = Field(0.0, ge=0.0)  # multiple choice: next layer's heads 0/1 onto the right option's text
+    route_weight: float = Field(0.0, ge=0.0)   # heads 0/1 of the layer before attn_layer onto the words the question names
 
 
 class DemoParams(_Strict):
@@ -219,6 +220,19 @@ class DemoParams(_Strict):
     data: DemoDataParams = DemoDataParams()
     model: DemoModelParams = DemoModelParams()
     train: DemoTrainParams = DemoTrainParams()
+
+    @model_validator(mode="after")
+    def _layers(self) -> "DemoParams":
+        t, n = self.train, self.model.num_layers
+        if t.attn_layer >= n or t.aux_layer > n:
+            raise ValueError(f"train.attn_layer ({t.attn_layer}) and train.aux_layer ({t.aux_layer}) must be "
+                             f"decoder layers of model.num_layers = {n}")
+        if (t.option_weight > 0 or t.value_weight > 0 or t.latent_weight > 0) and t.attn_layer + 1 >= n:
+            raise ValueError(f"train.option_weight/value_weight/latent_weight supervise layer attn_layer + 1 = "
+                             f"{t.attn_layer + 1}, which model.num_layers = {n} does not have")
+        if t.route_weight > 0 and t.attn_layer < 1:
+            raise ValueError("train.route_weight supervises the layer before train.attn_layer; attn_layer must be >= 1")
+        return self
 
 
 class SweepPoint(_Strict):

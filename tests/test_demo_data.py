@@ -164,3 +164,41 @@ def test_attention_targets_point_at_what_the_answer_depends_on(splits):
                 pytest.fail(f"no check for {q!r}")
             n_checked += 1
     assert n_checked > 100
+
+
+def test_key_spans_name_what_the_answer_depends_on(splits):
+    """The words the routing supervision points at: checked against the scene (the named thing
+    picks out the objects that give the answer), independently of the span code's regexes."""
+    from vlmq.demo.data import question_key_spans
+
+    n = 0
+    for r in read_rows(splits["train"]):
+        scene = Scene.from_dict(json.loads(r["scene"]))
+        for q, a, skill in zip(r["question"], r["answer"], r["skill"]):
+            spans = question_key_spans(q)
+            if skill == "text":
+                assert spans == []
+                continue
+            (c0, c1), = spans
+            word = q[c0:c1]
+            if skill == "mcq":
+                opts = dict(re.findall(r"([A-D])\. (.+?)(?= [A-D]\. |$)", q.split("\n")[1].removeprefix("Options: ")))
+                a, q = opts[a], q.split("\n")[0].removeprefix("Question: ")
+                assert c0 >= len("Question: ") and q[c0 - len("Question: "):c1 - len("Question: ")] == word
+            if q.startswith("How many"):
+                match = [o for o in scene.objects
+                         if word == "shapes" and "many shapes" in q or word in (o.color, o.shape)]
+                assert len(match) == int(a), (q, word)
+            elif " or " in q:  # position: the colour + shape of one object
+                (o,), = [[o for o in scene.objects if o.name == word]]
+                assert a in (("left" if o.col < scene.grid / 2 else "right") if "left" in q else
+                             ("top" if o.row < scene.grid / 2 else "bottom"))
+            elif word in SHAPES:  # colour question: the one object of that shape has the answer colour
+                (o,), = [[o for o in scene.objects if o.shape == word]]
+                assert o.color == a
+            else:  # shape question: the one object of that colour has the answer shape
+                assert word in COLORS
+                (o,), = [[o for o in scene.objects if o.color == word]]
+                assert o.shape == a
+            n += 1
+    assert n > 100

@@ -150,6 +150,48 @@ def test_spread_attention_loss_is_cross_entropy_from_even_targets():
     assert torch.allclose(got_mass, (-(attn[0, 0, 6, [1, 3, 4]].sum().log()) - attn[0, 1, 6, 2].log()) / 2, atol=1e-5)
 
 
+def test_segment_nll_matches_entry_by_entry_loop():
+    """One gather + segment sums == the per-segment loop of -log(mass) / mean -log, values and
+    gradients, float64, on fresh random attention with repeated and overlapping entries."""
+    from vlmq.demo.model import _segment_nll
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 2, 9, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    segs = [[(int(torch.randint(3, (1,), generator=g)), h, int(torch.randint(9, (1,), generator=g)),
+              int(torch.randint(9, (1,), generator=g))) for _ in range(1 + k % 3)] for k in range(7) for h in (0, 1)]
+    ent = [(b, h, p, t, j) for j, es in enumerate(segs) for b, h, p, t in es]
+    for spread in (False, True):
+        attn = torch.softmax(logits, -1)
+        got = _segment_nll(attn, *map(list, zip(*ent)), spread=spread)
+        (gg,) = torch.autograd.grad(got, logits)
+        attn = torch.softmax(logits, -1)
+        terms = []
+        for es in segs:
+            vals = torch.stack([attn[b, h, p, t] for b, h, p, t in es])
+            terms.append(-torch.log(vals + 1e-6).mean() if spread else -torch.log(vals.sum() + 1e-6))
+        want = torch.stack(terms).mean()
+        (gw,) = torch.autograd.grad(want, logits)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(gg, gw, rtol=1e-10, atol=1e-12)
+
+
+def test_route_tokens_are_the_named_words(processor, data):
+    """The tokens the routing supervision points at decode to the word(s) the question names."""
+    from vlmq.demo.data import question_key_spans
+    from vlmq.demo.model import ConversationEncoder
+
+    enc = ConversationEncoder(processor.tokenizer, SPEC.grid ** 2)
+    n = 0
+    for r in data["eval"]:
+        e = enc.encode([("What does the text say?", "AB3"), (r["question"], r["answer"])])
+        for c0, c1 in question_key_spans(r["question"]):
+            toks = enc.question_tokens_in(r["question"], c0, c1, e.answer_starts[1])
+            word = processor.tokenizer.decode([e.ids[t] for t in toks]).strip()
+            assert r["question"][c0:c1] in word and len(word) <= c1 - c0 + 2, (r["question"], word)
+            n += 1
+    assert n >= 8
+
+
 def test_tiny_model_save_load_equal_logits(tiny_model, processor, data, tmp_path):
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -194,6 +236,15 @@ def test_train_steps_and_evaluation_helpers(tiny_model, processor, data):
     steps2 = [l for l in lines2 if l.startswith("step ")]
     assert steps2 and all(float(l.split(" value ")[1].split()[0]) > 0 for l in steps2)
     assert all(float(l.split(" option ")[1].split()[0]) >= 0 for l in steps2)
+    # the routing of the named words to the answer position (heads of the layer before attn_layer)
+    cfg3 = TrainConfig(**{**cfg.__dict__, "latent_weight": 0.0, "attn_layer": 1, "route_weight": 1.0})
+    lines3 = []
+    train(copy.deepcopy(tiny_model), processor, data["train"], cfg3, SPEC.grid, log=lines3.append)
+    steps3 = [l for l in lines3 if l.startswith("step ")]
+    assert steps3 and all(float(l.split(" route ")[1].split()[0]) > 0 for l in steps3)
+    with pytest.raises(ValueError, match="attn_layer"):
+        train(copy.deepcopy(tiny_model), processor, data["train"], TrainConfig(**{**cfg3.__dict__, "attn_layer": 0}),
+              SPEC.grid)
     rows = data["eval"][:4]
     preds = ev.greedy_answers(model, processor, rows, batch_size=2, max_new_tokens=3)
     assert len(preds) == 4 and all(isinstance(p, str) for p in preds)

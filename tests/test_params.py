@@ -73,3 +73,16 @@ def test_new_method_knobs_and_run_names(tmp_path):
                      ({"vlm_ptq": {"gird": 3}}, "quant.vlm_ptq.gird: unknown key"), ({"method": "awq2"}, "quant.method")]:
         with pytest.raises(ParamsError, match=key):
             load_params(write(tmp_path, {"quant": bad}))
+
+
+def test_demo_layer_knobs_checked_against_the_model(tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["demo"]["train"]["attn_layer"] = 0
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match="route_weight"):
+        load_params(p)
+    raw["demo"]["train"]["attn_layer"] = raw["demo"]["model"]["num_layers"] - 1
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match="attn_layer"):
+        load_params(p)

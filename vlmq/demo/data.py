@@ -142,6 +142,9 @@ def q_mcq(scene: Scene, rng: random.Random) -> QA | None:
 COLOR_Q = re.compile(r"What (?:color is|is the color of) the (\w+)\?")
 POSITION_Q = re.compile(r"Is the (\w+ \w+) in the (?:left or right|top or bottom) half of the image\?")
 SHAPE_Q = re.compile(r"What shape is the (\w+) object\?")
+COUNT_ALL_Q = re.compile(r"How many (shapes) are there\?")
+COUNT_COLOR_Q = re.compile(r"How many (\w+) shapes are there\?")
+COUNT_SHAPE_Q = re.compile(r"How many (\w+)s are there\?")
 
 
 QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random], QA | None]] = {
@@ -205,13 +208,29 @@ def attention_targets(scene: Scene, question: str, answer: str,
 def counted_objects(scene: Scene, question: str) -> list:
     """The objects a "How many ...?" question counts."""
 
-    if question == "How many shapes are there?":
+    if COUNT_ALL_Q.fullmatch(question):
         return list(scene.objects)
-    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+    if m := COUNT_COLOR_Q.fullmatch(question):
         return [o for o in scene.objects if o.color == m[1]]
-    if m := re.fullmatch(r"How many (\w+)s are there\?", question):
+    if m := COUNT_SHAPE_Q.fullmatch(question):
         return [o for o in scene.objects if o.shape == m[1]]
     raise ValueError(f"not a count question: {question!r}")
+
+
+def question_key_spans(question: str) -> list[tuple[int, int]]:
+    """Character spans, in ``question``, of the words its answer depends on (what the question
+    names: the shape of a colour question, the colour + shape of a position question, the colour
+    of a shape question, the counted category), inside a multiple-choice prompt too; ``[]`` for
+    questions that name nothing (read the text)."""
+
+    off, q = 0, question
+    if q.startswith("Question: "):
+        off = len("Question: ")
+        q = q[off:].split("\n")[0]
+    for pat in (COLOR_Q, POSITION_Q, SHAPE_Q, COUNT_ALL_Q, COUNT_COLOR_Q, COUNT_SHAPE_Q):
+        if m := pat.fullmatch(q):
+            return [(off + m.start(1), off + m.end(1))]
+    return []
 
 
 def option_spans(question: str) -> list[tuple[int, int, int]]:

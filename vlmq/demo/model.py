@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlmq.demo.data import LATENTS, LETTERS, answer_latents, attention_targets, option_spans
+from vlmq.demo.data import (LATENTS, LETTERS, answer_latents, attention_targets, option_spans,
+                            question_key_spans)
 from vlmq.demo.render import CODE_ALPHABET, COLORS, SHAPES, SIZES, Scene
 
 MAX_COUNT = 7  # count classes 0..6
@@ -237,6 +238,7 @@ class TrainConfig:
     count_target: str = "vision_end"
     value_weight: float = 0.0
     option_weight: float = 0.0
+    route_weight: float = 0.0
 
 
 def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
@@ -261,7 +263,9 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
     vend_id = model.config.vision_end_token_id
     pad_id = tok.pad_token_id
 
-    need_attn = cfg.attn_weight > 0 or cfg.latent_weight > 0 or cfg.option_weight > 0
+    if cfg.route_weight > 0 and cfg.attn_layer < 1:
+        raise ValueError("route_weight supervises the layer before attn_layer: attn_layer must be >= 1")
+    need_attn = cfg.attn_weight > 0 or cfg.latent_weight > 0 or cfg.option_weight > 0 or cfg.route_weight > 0
     if need_attn:  # attention probabilities are needed (training only; saved as sdpa)
         model.set_attn_implementation("eager")
     if cfg.qk_init_std > 0:
@@ -294,6 +298,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
     def batch_of(idx: list[int], count_target: str = "vision_end"):
         images, encs, tgts, attn_q, latent_q, option_q = [], [], [], [], [], []
         letter_q, pick_q = [], []  # (row, token, letter) of option text; (row, query, tokens) of the right option
+        route_q = []  # (row, query, tokens): the first answer token's query and the words the question names
         for i in idx:
             r = rows[i]
             images.append(Image.open(io.BytesIO(r["image"])).convert("RGB"))
@@ -309,6 +314,8 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
                 for k, cells in enumerate(attention_targets(scene, q, a, count_target) or []):
                     # logits at position start+k-1 predict answer token k
                     attn_q.append((b, start + k - 1, cells))
+                if cfg.route_weight > 0 and (spans := question_key_spans(q)):
+                    route_q.append((b, start - 1, [t for c0, c1 in spans for t in enc.question_tokens_in(q, c0, c1, start)]))
                 if cfg.latent_weight > 0:
                     lat, opt_at = answer_latents(scene, q, a)
                     if lat:
@@ -326,7 +333,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
         pix = processor.image_processor(images=images, return_tensors="pt")
         t = {k: torch.stack([x[k] for x in tgts]) for k in tgts[0]}
         return (ids, lab, att, pix["pixel_values"], pix["image_grid_thw"], t,
-                (attn_q, latent_q, option_q, letter_q, pick_q))
+                (attn_q, latent_q, option_q, letter_q, pick_q, route_q))
 
     if cfg.vision_warmup_steps:
         _vision_warmup(model, processor, aux, rows, cfg, n_img_tok, rng, log)
@@ -345,7 +352,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
         late = step >= cfg.latent_start  # the supervision of what answers are computed from is on
         count_target = cfg.count_target if late else "vision_end"
-        ids, lab, att, pix, thw, tg, (attn_q, latent_q, option_q, letter_q, pick_q) = batch_of(idx, count_target)
+        ids, lab, att, pix, thw, tg, (attn_q, latent_q, option_q, letter_q, pick_q, route_q) = batch_of(idx, count_target)
         lr = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
         for gr in opt.param_groups:
             gr["lr"] = lr
@@ -388,8 +395,8 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             lat_loss = torch.stack(terms).mean()
             if option_q:  # multiple choice: the next layer's heads 0/1 look at the correct option's text
                 att2 = out.attentions[cfg.attn_layer + 1]
-                lat_loss = lat_loss + torch.stack([-torch.log(att2[b, h, p, t] + 1e-6) for b, p, t in option_q
-                                                   for h in (0, 1)]).mean()
+                ent = [(b, h, p, t, 2 * j + h) for j, (b, p, t) in enumerate(option_q) for h in (0, 1)]
+                lat_loss = lat_loss + _segment_nll(att2, *map(list, zip(*ent)))
             loss = loss + cfg.latent_weight * lat_loss
             stats["latent"] = stats.get("latent", 0.0) + lat_loss.item()
         if vheads is not None and late:
@@ -400,7 +407,7 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             v_loss = sum(F.mse_loss(vheads.pos[h](v[..., h * head_dim:(h + 1) * head_dim]), rc) for h in (0, 1))
             if letter_q:  # the option letter, readable from what heads 0/1 of the next layer fetch
                 v2 = v_out[cfg.attn_layer + 1]
-                vb = torch.stack([v2[b, t] for b, t, _ in letter_q])
+                vb = v2[torch.tensor([b for b, _, _ in letter_q]), torch.tensor([t for _, t, _ in letter_q])]
                 let = torch.tensor([x for _, _, x in letter_q])
                 v_loss = v_loss + sum(F.cross_entropy(vheads.letter[h](vb[:, h * head_dim:(h + 1) * head_dim]), let)
                                       for h in (0, 1))
@@ -409,10 +416,17 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
         if cfg.option_weight > 0 and pick_q and late:
             # multiple choice: heads 0/1 of the next layer look at the right option's text
             att2 = out.attentions[cfg.attn_layer + 1]
-            o_loss = torch.stack([-torch.log(att2[b, h, p, toks].sum() + 1e-6) for b, p, toks in pick_q
-                                  for h in (0, 1)]).mean()
+            ent = [(b, h, p, t, 2 * j + h) for j, (b, p, toks) in enumerate(pick_q) for h in (0, 1) for t in toks]
+            o_loss = _segment_nll(att2, *map(list, zip(*ent)))
             loss = loss + cfg.option_weight * o_loss
             stats["option"] = stats.get("option", 0.0) + o_loss.item()
+        if cfg.route_weight > 0 and route_q:
+            # what the question names reaches the answer position: heads 0/1 of the layer before
+            # attn_layer look at those words, so that attn_layer's query there knows what to find
+            ent = [(b, h, p, t, 2 * j + h) for j, (b, p, toks) in enumerate(route_q) for h in (0, 1) for t in toks]
+            r_loss = _segment_nll(out.attentions[cfg.attn_layer - 1], *map(list, zip(*ent)))
+            loss = loss + cfg.route_weight * r_loss
+            stats["route"] = stats.get("route", 0.0) + r_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -429,6 +443,8 @@ def train(model, processor, rows: list[dict], cfg: TrainConfig, grid: int,
             msg = (f"step {step + 1}/{cfg.steps} lr {lr:.2e} ce {stats['loss'] / n:.4f} aux {stats['aux'] / n:.3f} "
                    f"attn {stats.get('attn', 0.0) / n:.3f} latent {stats.get('latent', 0.0) / n:.3f} "
                    f"tok_acc {stats['acc'] / n:.4f} elapsed {time.time() - t0:.0f}s")
+            if cfg.route_weight > 0:
+                msg = msg.replace(" tok_acc", f" route {stats.get('route', 0.0) / n:.3f} tok_acc")
             if vheads is not None or cfg.option_weight > 0:
                 msg = msg.replace(" tok_acc", f" value {stats.get('value', 0.0) / n:.3f} "
                                               f"option {stats.get('option', 0.0) / n:.3f} tok_acc")
@@ -494,15 +510,38 @@ def _attention_loss(attn: torch.Tensor, ids: torch.Tensor, queries: list, img_id
     position, (cells_head0, cells_head1)) with cells indexing the row's image tokens, -1 meaning
     its ``<|vision_end|>`` token.
     """
-    terms = []
+    bi, hi, pi, ti, seg = [], [], [], [], []
+    img_pos: dict[int, torch.Tensor] = {}
+    vend: dict[int, int] = {}
+    n_seg = 0
     for b, p, cells in queries:
-        img_pos = (ids[b] == img_id).nonzero().flatten()
-        vend = (ids[b] == vend_id).nonzero().flatten()
+        if b not in img_pos:
+            img_pos[b] = (ids[b] == img_id).nonzero().flatten()
+            vend[b] = int((ids[b] == vend_id).nonzero().flatten()[0])
         for h, cs in enumerate(cells):
-            pos = torch.stack([vend[0] if c < 0 else img_pos[c] for c in cs])
-            a = attn[b, h, p, pos]
-            terms.append(-torch.log(a + 1e-6).mean() if spread else -torch.log(a.sum() + 1e-6))
-    return torch.stack(terms).mean()
+            ti += [vend[b] if c < 0 else int(img_pos[b][c]) for c in cs]
+            bi += [b] * len(cs)
+            hi += [h] * len(cs)
+            pi += [p] * len(cs)
+            seg += [n_seg] * len(cs)
+            n_seg += 1
+    return _segment_nll(attn, bi, hi, pi, ti, seg, spread)
+
+
+def _segment_nll(attn: torch.Tensor, bi: list[int], hi: list[int], pi: list[int], ti: list[int],
+                 seg: list[int], spread: bool = False) -> torch.Tensor:
+    """Mean over segments of -log(attention mass a segment's entries put on its targets), or with
+    ``spread`` of the mean -log attention of each target. One gather of all
+    ``attn[b, h, p, t]`` entries: indexing them one by one makes autograd build a full-size zero
+    gradient per entry (most of a training step's time)."""
+    a = attn[torch.tensor(bi), torch.tensor(hi), torch.tensor(pi), torch.tensor(ti)]
+    s = torch.tensor(seg)
+    n = int(s[-1]) + 1
+    if spread:
+        per = torch.zeros(n, dtype=a.dtype).index_add(0, s, -torch.log(a + 1e-6))
+        return (per / torch.bincount(s, minlength=n).to(a.dtype)).mean()
+    mass = torch.zeros(n, dtype=a.dtype).index_add(0, s, a)
+    return -torch.log(mass + 1e-6).mean()
 
 
 @torch.no_grad()
