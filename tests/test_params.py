@@ -79,6 +79,10 @@ def test_demo_layer_knobs_checked_against_the_model(tmp_path):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["demo"]["train"]["attn_layer"] = 0
     p = tmp_path / "params.yaml"
+    raw["demo"]["train"]["route_weight"] = 0.0      # no routing: layer 0 is a valid attn_layer
+    p.write_text(yaml.safe_dump(raw))
+    assert load_params(p).demo.train.attn_layer == 0
+    raw["demo"]["train"]["route_weight"] = 1.0      # routing supervises the layer before attn_layer
     p.write_text(yaml.safe_dump(raw))
     with pytest.raises(ParamsError, match="route_weight"):
         load_params(p)
