@@ -260,3 +260,32 @@ def test_train_steps_and_evaluation_helpers(tiny_model, processor, data):
     assert torch.equal(q.model.visual.merger.mlp[0].weight, model.model.visual.merger.mlp[0].weight)
     _, kl_q = ev.nll_kl(ev.answer_logprobs(q, processor, rows, batch_size=4), lp)
     assert ev.mean(kl_q) > 0
+
+
+def test_training_is_deterministic_for_a_seed(tiny_model, processor, data):
+    """Same seed -> bit-identical weights (the build's weights hash); another seed -> different weights."""
+    import copy
+
+    from vlmq.demo.model import TrainConfig, set_determinism, train
+
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup=1, min_lr_frac=0.1, weight_decay=0.0, max_turns=3,
+                      aux_weight=0.5, aux_layer=1, qk_init_std=0.05, grad_clip=1.0, seed=0, log_every=1,
+                      attn_weight=1.0, attn_layer=1, vision_warmup_steps=1, latent_weight=0.0, route_weight=1.0)
+
+    def weights(c):
+        set_determinism(c.seed, threads)  # as stages.demo_model does before building the model
+        m = copy.deepcopy(tiny_model)
+        train(m, processor, data["train"], c, SPEC.grid, log=lambda _: None)
+        return m.state_dict()
+
+    threads, fill = torch.get_num_threads(), torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        a, b = weights(cfg), weights(cfg)
+        other = weights(TrainConfig(**{**cfg.__dict__, "seed": 1}))
+    finally:  # the flags are process-wide: leave them as the other tests expect
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.set_num_threads(threads)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], other[k]) for k in a)
