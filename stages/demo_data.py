@@ -19,7 +19,8 @@ from vlmq.demo.data import SceneSpec, build_splits
 def scene_spec(p: DemoParams) -> SceneSpec:
     d = p.data
     return SceneSpec(grid=d.grid, cell=d.cell, min_objects=d.min_objects, max_objects=d.max_objects,
-                     min_code=d.min_code, max_code=d.max_code, jitter=d.jitter)
+                     min_code=d.min_code, max_code=d.max_code, jitter=d.jitter,
+                     count_kinds=tuple(d.count_kinds))
 
 
 def main(params_path: str | Path | None = None) -> None:

@@ -35,6 +35,7 @@ from typing import Callable
 from vlmq.demo.render import COLORS, SHAPES, Scene, render, sample_scene
 
 SKILLS: tuple[str, ...] = ("color", "count", "position", "text", "mcq")
+COUNT_KINDS: tuple[str, ...] = ("all", "color", "shape")  # all shapes / shapes of a colour / of a shape
 LETTERS = "ABCD"
 MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
 
@@ -50,6 +51,7 @@ class SceneSpec:
     min_code: int = 3
     max_code: int = 4
     jitter: int = 3
+    count_kinds: tuple[str, ...] = COUNT_KINDS  # what "How many ...?" questions count (count and mcq)
 
     def sample(self, rng: random.Random) -> Scene:
         return sample_scene(rng, self.grid, self.min_objects, self.max_objects, self.min_code,
@@ -69,7 +71,7 @@ def _unique_color_objects(scene: Scene) -> list:
     return [o for o in scene.objects if counts[o.color] == 1]
 
 
-def q_color(scene: Scene, rng: random.Random) -> QA | None:
+def q_color(scene: Scene, rng: random.Random, spec: SceneSpec | None = None) -> QA | None:
     cands = _unique_shape_objects(scene)
     if not cands:
         return None
@@ -78,8 +80,8 @@ def q_color(scene: Scene, rng: random.Random) -> QA | None:
     return q, o.color
 
 
-def _count_question(scene: Scene, rng: random.Random) -> tuple[str, int]:
-    kind = rng.choice(["all", "color", "shape"])
+def _count_question(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = COUNT_KINDS) -> tuple[str, int]:
+    kind = rng.choice(list(kinds)) if len(kinds) > 1 else kinds[0]
     if kind == "all":
         return "How many shapes are there?", len(scene.objects)
     if kind == "color":
@@ -89,12 +91,12 @@ def _count_question(scene: Scene, rng: random.Random) -> tuple[str, int]:
     return f"How many {s}s are there?", sum(o.shape == s for o in scene.objects)
 
 
-def q_count(scene: Scene, rng: random.Random) -> QA | None:
-    q, n = _count_question(scene, rng)
+def q_count(scene: Scene, rng: random.Random, spec: SceneSpec | None = None) -> QA | None:
+    q, n = _count_question(scene, rng, (spec or SceneSpec()).count_kinds)
     return q, str(n)
 
 
-def q_position(scene: Scene, rng: random.Random) -> QA | None:
+def q_position(scene: Scene, rng: random.Random, spec: SceneSpec | None = None) -> QA | None:
     o = rng.choice(list(scene.objects))
     half = scene.grid / 2
     if rng.random() < 0.5:
@@ -102,7 +104,7 @@ def q_position(scene: Scene, rng: random.Random) -> QA | None:
     return f"Is the {o.name} in the top or bottom half of the image?", "top" if o.row < half else "bottom"
 
 
-def q_text(scene: Scene, rng: random.Random) -> QA | None:
+def q_text(scene: Scene, rng: random.Random, spec: SceneSpec | None = None) -> QA | None:
     q = rng.choice(["What does the text say?", "Read the text in the image."])
     return q, scene.code
 
@@ -113,7 +115,7 @@ def format_mcq(question: str, options: list[str]) -> str:
     return f"Question: {question}\nOptions: {opts}\n{MCQ_SUFFIX}"
 
 
-def q_mcq(scene: Scene, rng: random.Random) -> QA | None:
+def q_mcq(scene: Scene, rng: random.Random, spec: SceneSpec | None = None) -> QA | None:
     kind = rng.choice(["color", "count", "shape"])
     if kind == "color":
         cands = _unique_shape_objects(scene)
@@ -123,7 +125,7 @@ def q_mcq(scene: Scene, rng: random.Random) -> QA | None:
         question, right = f"What color is the {o.shape}?", o.color
         wrong = rng.sample([c for c in COLORS if c != right], 3)
     elif kind == "count":
-        question, n = _count_question(scene, rng)
+        question, n = _count_question(scene, rng, (spec or SceneSpec()).count_kinds)
         right = str(n)
         wrong = [str(k) for k in rng.sample([k for k in range(7) if k != n], 3)]
     else:
@@ -147,7 +149,7 @@ COUNT_COLOR_Q = re.compile(r"How many (\w+) shapes are there\?")
 COUNT_SHAPE_Q = re.compile(r"How many (\w+)s are there\?")
 
 
-QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random], QA | None]] = {
+QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random, SceneSpec | None], QA | None]] = {
     "color": q_color,
     "count": q_count,
     "position": q_position,
@@ -302,7 +304,7 @@ def make_train_rows(n_images: int, seed: int, spec: SceneSpec) -> dict[str, list
         scene = spec.sample(rng)
         qs, ans, sk = [], [], []
         for skill in SKILLS:
-            qa = QUESTION_MAKERS[skill](scene, rng)
+            qa = QUESTION_MAKERS[skill](scene, rng, spec)
             if qa is not None:
                 qs.append(qa[0]), ans.append(qa[1]), sk.append(skill)
         rows["image_id"].append(f"train-{i:06d}")
@@ -339,7 +341,7 @@ def make_eval_rows(per_skill: int, seed: int, spec: SceneSpec, exclude: set[str]
             scene = spec.sample(rng)
             if scene_key(scene) in exclude:
                 continue
-            qa = QUESTION_MAKERS[skill](scene, rng)
+            qa = QUESTION_MAKERS[skill](scene, rng, spec)
             if qa is not None:
                 break
         rows["image_id"].append(f"eval-{i:06d}")
