@@ -202,3 +202,30 @@ def test_key_spans_name_what_the_answer_depends_on(splits):
                 assert o.shape == a
             n += 1
     assert n > 100
+
+
+def test_count_kinds_restricts_what_count_questions_count(tmp_path):
+    """``count_kinds=("all",)``: every count question (and every counting multiple choice) asks for
+    all shapes, and its answer is the number of shapes drawn."""
+    import random
+
+    from vlmq.demo.data import q_count, q_mcq
+
+    spec = SceneSpec(count_kinds=("all",), max_objects=4)
+    rng = random.Random(int(np.random.SeedSequence().entropy % 10_000))
+    seen_mcq = 0
+    for _ in range(200):
+        scene = spec.sample(rng)
+        q, a = q_count(scene, rng, spec)
+        assert q == "How many shapes are there?" and a == str(len(scene.objects))
+        qa = q_mcq(scene, rng, spec)
+        if qa and qa[0].startswith("Question: How many"):
+            seen_mcq += 1
+            head, opts = qa[0].split("\n")[:2]
+            assert head == "Question: How many shapes are there?"
+            letter_text = dict(re.findall(r"([A-D])\. (\S+)", opts))
+            assert letter_text[qa[1]] == str(len(scene.objects))
+    assert seen_mcq > 20
+    mixed = SceneSpec()
+    kinds = {q_count(mixed.sample(rng), rng, mixed)[0].split()[2] for _ in range(100)}
+    assert len(kinds) > 2  # the default asks per colour and per shape too
