@@ -2,19 +2,13 @@
 
     python -m stages.demo_model
 
-    python -m stages.demo_model --from-trained DIR   # skip training: re-plant the outliers of DIR's
-                                                     # model (saved with ``demo.outliers.channels: 0``)
-
 Writes ``<demo.out_dir>/model/`` (safetensors weights, config, tokenizer, processor, chat
 template, ``demo_train.json`` with the training record) so that the rest of the pipeline loads it
-exactly like a downloaded Qwen2-VL checkpoint. After training, ``demo.outliers`` plants outlier
-weight columns (``vlmq.demo.outliers``: an exact reparametrisation, FP function unchanged).
-Knobs: ``demo.model``, ``demo.train``, ``demo.outliers``.
+exactly like a downloaded Qwen2-VL checkpoint. Knobs: ``demo.model``, ``demo.train``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -24,7 +18,6 @@ from pathlib import Path
 from stages.params import load_params
 from vlmq.demo.data import CAPTION_INSTRUCTIONS, read_rows
 from vlmq.demo.model import TrainConfig, build_config, set_determinism, train
-from vlmq.demo.outliers import plant_outlier_channels
 from vlmq.demo.tokenizer import make_processor, train_tokenizer
 
 CHAT_SCAFFOLD = ["user\n", "assistant\n", "system\nYou are a helpful assistant."]
@@ -37,50 +30,13 @@ def weights_sha256(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def load_trained(src: Path):
-    """Model, processor and training record of a demo model saved without planted outliers."""
+def main() -> None:
     from transformers import Qwen2VLForConditionalGeneration
 
-    from vlmq.models.processor import load_processor
-
-    rec_path = src / "demo_train.json"
-    if not rec_path.is_file():
-        raise FileNotFoundError(f"--from-trained {src}: no demo_train.json (not a demo model directory)")
-    record = json.loads(rec_path.read_text())
-    if record.get("outliers", {}).get("channels", 0) and record["outliers"].get("scale", 1.0) != 1.0:
-        raise ValueError(f"--from-trained {src}: its outliers are already planted ({record['outliers']['channels']} "
-                         f"channels x {record['outliers']['scale']}); start from a model saved with "
-                         "demo.outliers.channels: 0")
-    model = Qwen2VLForConditionalGeneration.from_pretrained(src, dtype="float32")
-    return model, load_processor(str(src)), record
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--from-trained", type=Path, default=None,
-                    help="a demo model directory saved with demo.outliers.channels: 0: skip training")
-    ap.add_argument("--params", type=Path, default=None, help="params.yaml (default: the project's)")
-    args = ap.parse_args(argv)
-    params = load_params(args.params).demo
+    params = load_params().demo
+    mp, tp = params.model, params.train
     out_dir = Path(params.out_dir)
     t0 = time.time()
-    if args.from_trained is not None:
-        model, processor, record = load_trained(args.from_trained)
-        log_lines = record.pop("log", [])
-        record["from_trained"] = {"dir": str(args.from_trained), "weights_sha256": record.pop("weights_sha256", None)}
-        t0 -= record.pop("total_seconds", 0.0)
-    else:
-        model, processor, record, log_lines = train_model(params, out_dir)
-    record["outliers"] = plant_outlier_channels(model, params.outliers.channels, params.outliers.scale,
-                                                params.outliers.sites, params.outliers.seed)
-    save_model(model, processor, record, params, log_lines, out_dir, t0)
-
-
-def train_model(params, out_dir: Path):
-    """Tokenizer, processor and the trained model (``demo.model``, ``demo.train``)."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    mp, tp = params.model, params.train
     rows = read_rows(out_dir / "train.parquet")
     calib = read_rows(out_dir / "calib.parquet")
     texts = [t for r in rows for t in r["question"] + r["answer"]]
@@ -123,11 +79,7 @@ def train_model(params, out_dir: Path):
 
     record = train(model, processor, train_rows, cfg, params.data.grid, log=log, holdout=holdout or None,
                    checkpoint=checkpoint)
-    return model, processor, record, log_lines
 
-
-def save_model(model, processor, record: dict, params, log_lines: list[str], out_dir: Path, t0: float) -> None:
-    """Write ``<out_dir>/model`` atomically (temporary directory + rename) with ``demo_train.json``."""
     final = out_dir / "model"
     tmp = out_dir / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

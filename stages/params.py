@@ -215,16 +215,6 @@ class DemoTrainParams(_Strict):
     route_weight: float = Field(0.0, ge=0.0)   # heads 0/1 of the layer before attn_layer onto the words the question names
 
 
-class DemoOutlierParams(_Strict):
-    """Outlier weight columns planted into the trained demo model (``vlmq.demo.outliers``): an exact
-    reparametrisation (the FP function is unchanged) giving it the heavy-tailed weights of real LLMs."""
-
-    channels: int = Field(0, ge=0)             # input channels per site and layer (0 = none)
-    scale: float = Field(1.0, gt=0.0)          # their weight columns x scale, their inputs / scale
-    sites: list[Literal["qkv", "o", "gate_up", "down"]] = Field(["qkv", "o", "gate_up", "down"], min_length=1)
-    seed: int = 0                              # which channels
-
-
 class DemoParams(_Strict):
     """The embedded default model: rendered visual-QA data + a tiny Qwen2-VL trained on it."""
 
@@ -232,14 +222,10 @@ class DemoParams(_Strict):
     data: DemoDataParams = DemoDataParams()
     model: DemoModelParams = DemoModelParams()
     train: DemoTrainParams = DemoTrainParams()
-    outliers: DemoOutlierParams = DemoOutlierParams()
 
     @model_validator(mode="after")
     def _layers(self) -> "DemoParams":
         t, n = self.train, self.model.num_layers
-        if self.outliers.channels > self.model.hidden_size:
-            raise ValueError(f"outliers.channels ({self.outliers.channels}) exceeds model.hidden_size "
-                             f"({self.model.hidden_size})")
         if t.attn_layer >= n or t.aux_layer > n:
             raise ValueError(f"train.attn_layer ({t.attn_layer}) and train.aux_layer ({t.aux_layer}) must be "
                              f"decoder layers of model.num_layers = {n}")
