@@ -71,7 +71,7 @@ def _unique_color_objects(scene: Scene) -> list:
     return [o for o in scene.objects if counts[o.color] == 1]
 
 
-def q_color(scene: Scene, rng: random.Random, spec: SceneSpec | None = None) -> QA | None:
+def q_color(scene: Scene, rng: random.Random, spec: SceneSpec = SceneSpec()) -> QA | None:
     cands = _unique_shape_objects(scene)
     if not cands:
         return None
@@ -91,12 +91,12 @@ def _count_question(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = C
     return f"How many {s}s are there?", sum(o.shape == s for o in scene.objects)
 
 
-def q_count(scene: Scene, rng: random.Random, spec: SceneSpec | None = None) -> QA | None:
-    q, n = _count_question(scene, rng, (spec or SceneSpec()).count_kinds)
+def q_count(scene: Scene, rng: random.Random, spec: SceneSpec = SceneSpec()) -> QA | None:
+    q, n = _count_question(scene, rng, spec.count_kinds)
     return q, str(n)
 
 
-def q_position(scene: Scene, rng: random.Random, spec: SceneSpec | None = None) -> QA | None:
+def q_position(scene: Scene, rng: random.Random, spec: SceneSpec = SceneSpec()) -> QA | None:
     o = rng.choice(list(scene.objects))
     half = scene.grid / 2
     if rng.random() < 0.5:
@@ -104,7 +104,7 @@ def q_position(scene: Scene, rng: random.Random, spec: SceneSpec | None = None) 
     return f"Is the {o.name} in the top or bottom half of the image?", "top" if o.row < half else "bottom"
 
 
-def q_text(scene: Scene, rng: random.Random, spec: SceneSpec | None = None) -> QA | None:
+def q_text(scene: Scene, rng: random.Random, spec: SceneSpec = SceneSpec()) -> QA | None:
     q = rng.choice(["What does the text say?", "Read the text in the image."])
     return q, scene.code
 
@@ -115,7 +115,7 @@ def format_mcq(question: str, options: list[str]) -> str:
     return f"Question: {question}\nOptions: {opts}\n{MCQ_SUFFIX}"
 
 
-def q_mcq(scene: Scene, rng: random.Random, spec: SceneSpec | None = None) -> QA | None:
+def q_mcq(scene: Scene, rng: random.Random, spec: SceneSpec = SceneSpec()) -> QA | None:
     kind = rng.choice(["color", "count", "shape"])
     if kind == "color":
         cands = _unique_shape_objects(scene)
@@ -125,7 +125,7 @@ def q_mcq(scene: Scene, rng: random.Random, spec: SceneSpec | None = None) -> QA
         question, right = f"What color is the {o.shape}?", o.color
         wrong = rng.sample([c for c in COLORS if c != right], 3)
     elif kind == "count":
-        question, n = _count_question(scene, rng, (spec or SceneSpec()).count_kinds)
+        question, n = _count_question(scene, rng, spec.count_kinds)
         right = str(n)
         wrong = [str(k) for k in rng.sample([k for k in range(7) if k != n], 3)]
     else:
@@ -149,7 +149,7 @@ COUNT_COLOR_Q = re.compile(r"How many (\w+) shapes are there\?")
 COUNT_SHAPE_Q = re.compile(r"How many (\w+)s are there\?")
 
 
-QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random, SceneSpec | None], QA | None]] = {
+QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random, SceneSpec], QA | None]] = {
     "color": q_color,
     "count": q_count,
     "position": q_position,
