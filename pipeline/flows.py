@@ -24,9 +24,12 @@ def _prefect_enabled() -> bool:
 
 
 def run_stage(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run a stage function as a Prefect flow named ``name`` (or plainly, see module doc)."""
+    """Run a stage function as a Prefect flow named ``name`` (or plainly, see module doc); the
+    quantize stage runs as :func:`quantize_flow` (one task per layer step)."""
     if not _prefect_enabled():
         return fn(*args, **kwargs)
+    if name == "quantize":
+        return quantize_flow(*args, **kwargs)
     return flow(name=name, log_prints=True, validate_parameters=False)(fn)(*args, **kwargs)
 
 
@@ -55,11 +58,12 @@ def pipeline_flow(params_path: str | Path | None = None, skip: tuple[str, ...] =
     ``python -m pipeline.flows [--skip latency ...]``. Unlike ``dvc repro`` it reruns every stage
     (quantize still resumes finished layers of an unchanged configuration)."""
     from stages.cache_fp import cache_fp
-    from stages.demo_data import main as demo_data
+    from stages.demo_data import demo_data
     from stages.evaluate import evaluate
     from stages.latency import latency
     from stages.pack import pack
     from stages.prepare_calib import prepare_calib
+    from stages.quantize import quantize
     from stages.report import report
 
     from stages.params import load_params
@@ -70,7 +74,7 @@ def pipeline_flow(params_path: str | Path | None = None, skip: tuple[str, ...] =
         ("demo_data", lambda: run_stage("demo_data", demo_data, params_path)),
         ("prepare_calib", lambda: run_stage("prepare_calib", prepare_calib, params_path)),
         ("cache_fp", lambda: run_stage("cache_fp", cache_fp, params_path)),
-        ("quantize", lambda: run_quantize(params_path)),
+        ("quantize", lambda: run_stage("quantize", quantize, params_path)),
         ("pack", lambda: run_stage("pack", pack, params_path)),
         ("latency", lambda: run_stage("latency", latency, params_path)),
         ("evaluate", lambda: run_stage("evaluate", evaluate, params_path)),
@@ -90,15 +94,6 @@ def pipeline_flow(params_path: str | Path | None = None, skip: tuple[str, ...] =
         seconds[name] = round(time.perf_counter() - t0, 1)
         print(f"pipeline: {name} finished in {seconds[name]} s")
     return seconds
-
-
-def run_quantize(params_path: str | Path | None = None) -> dict:
-    """The quantize stage: as the Prefect flow, or the same loop plainly with ``VLMQ_NO_PREFECT=1``."""
-    if _prefect_enabled():
-        return quantize_flow(params_path)
-    from stages.quantize import quantize
-
-    return quantize(params_path)
 
 
 def main(argv: list[str] | None = None) -> None:

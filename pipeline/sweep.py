@@ -29,13 +29,14 @@ SWEEP_REPORTS = Path("reports/sweep")
 def expand_grid(params) -> list[dict]:
     """The branch configurations (plain dicts, picklable for Dask workers)."""
     from stages.params import parse_params, run_name
+    from vlmq.methods import get_method
 
     sw = params.sweep
     base = params.model_dump()
     out, seen = [], set()
     settings = list(itertools.product(sw.bits, sw.group_sizes)) + [(p.bits, p.group_size) for p in sw.extra_points]
     for method, (bits, gs), source in itertools.product(sw.methods, settings, sw.importance):
-        if method not in ("vlmq", "mbq", "vlmq+vlm_ptq") and source != sw.importance[0]:
+        if not get_method(method).uses_importance and source != sw.importance[0]:
             continue  # the importance source only matters for the methods that use token importance
         cfg = {**base, "quant": {**base["quant"], "method": method, "bits": bits, "group_size": gs},
                "importance": {**base["importance"], "source": source}}
@@ -45,6 +46,22 @@ def expand_grid(params) -> list[dict]:
         if name not in seen:
             seen.add(name)
             out.append(cfg)
+    for i, extra in enumerate(sw.extra_branches):
+        cfg = _merge(base, extra)
+        if cfg["quant"]["bits"] <= 2 and sw.gptq_precursor_at_2bit and "precursor" not in extra.get("quant", {}):
+            cfg["quant"]["precursor"] = "gptq"
+        name = run_name(parse_params(cfg, source=f"sweep.extra_branches[{i}]"))
+        if name not in seen:
+            seen.add(name)
+            out.append(cfg)
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``base`` with the nested overrides of ``over`` (a new dict)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
 
 
@@ -93,18 +110,25 @@ def _task_runner(params):
 
 
 def sweep(params_path: str | Path | None = None, root: str | Path = SWEEP_ROOT, evaluate: bool = True,
-          reports: str | Path = SWEEP_REPORTS) -> list[dict]:
+          reports: str | Path = SWEEP_REPORTS, only: tuple[str, ...] = ()) -> list[dict]:
     """Build the flow with the configured task runner and run it; with ``evaluate``, the FP
     model is evaluated once and ``reports/sweep/`` gets the report of all branches
-    (``metrics.json``, ``summary.md``, plots) besides ``sweep.csv``."""
+    (``metrics.json``, ``summary.md``, plots) besides ``sweep.csv``. ``only``: run just these
+    branches of the grid (by run name) and replace their rows in an existing ``sweep.csv``."""
     import pandas as pd
 
     from stages.common import atomic_path
     from stages.evaluate import DEMO_TASK, demo_rows, fp_answer_logprobs
-    from stages.params import load_params
+    from stages.params import load_params, parse_params, run_name
 
     params = load_params(params_path)
     configs = expand_grid(params)
+    if only:
+        names = {run_name(parse_params(c)): c for c in configs}
+        missing = sorted(set(only) - set(names))
+        if missing:
+            raise ValueError(f"sweep --only: {missing} are no branches of the grid; branches: {sorted(names)}")
+        configs = [names[n] for n in only]
 
     @flow(name="sweep", task_runner=_task_runner(params), log_prints=True, validate_parameters=False)
     def sweep_flow() -> list[dict]:
@@ -112,7 +136,7 @@ def sweep(params_path: str | Path | None = None, root: str | Path = SWEEP_ROOT, 
         fp_lp = None
         if evaluate and DEMO_TASK in params.eval.task_list():  # the KL reference, once for all branches
             fp_lp = task(fp_answer_logprobs, name="fp-logprobs")(params, demo_rows(params))
-        if evaluate:  # before the branches: lmms-eval's task loading is not safe to run in two threads at once
+        if evaluate and not only:  # before the branches: lmms-eval's task loading is not safe in two threads at once
             from stages.evaluate import evaluate as evaluate_stage
 
             task(evaluate_stage, name="evaluate-fp")(params_path, out_dir=Path(reports) / "eval", runs=("fp",))
@@ -122,8 +146,13 @@ def sweep(params_path: str | Path | None = None, root: str | Path = SWEEP_ROOT, 
         return [f.result() for f in futures]
 
     rows = sweep_flow()
-    with atomic_path(Path(reports) / "sweep.csv") as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
+    table = pd.DataFrame(rows)
+    csv = Path(reports) / "sweep.csv"
+    if only and csv.is_file():  # keep the other branches' rows, in their order
+        old = pd.read_csv(csv)
+        table = pd.concat([old[~old["run"].isin(table["run"])], table], ignore_index=True)
+    with atomic_path(csv) as tmp:
+        table.to_csv(tmp, index=False)
     if evaluate:
         from stages.report import report
 
@@ -135,8 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Run the params.yaml sweep grid")
     ap.add_argument("--params", default=None)
     ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--only", nargs="+", default=(), help="run just these branches (run names); their rows "
+                                                          "replace those in an existing sweep.csv")
     a = ap.parse_args(argv)
-    sweep(a.params, evaluate=not a.no_eval)
+    sweep(a.params, evaluate=not a.no_eval, only=tuple(a.only))
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ writes, streaming layer by layer (only one layer's activations are in memory at 
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 from pathlib import Path
 
 import torch
 
-from stages.common import dir_size_mb, get_logger, save_safetensors, stage_timer, write_json
+from stages.common import call, dir_size_mb, get_logger, run_cli, save_safetensors, stage_parser, stage_timer, write_json
 from stages.params import Params, load_params
 
 CALIB = Path("data/calib/calib.parquet")
@@ -144,14 +142,13 @@ def cache_fp(params_path: str | Path | None = None, calib_path: str | Path = CAL
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default=None)
+def main(argv: list[str] | None = None, runner=call):
+    """The stage's command line; ``runner(name, fn, *args)`` runs the stage function (plain here,
+    as a Prefect flow from ``python -m pipeline.run``)."""
+    ap = stage_parser(__doc__)
     a = ap.parse_args(argv)
-    from pipeline.flows import run_stage
-
-    run_stage("cache_fp", cache_fp, a.params)
+    return runner("cache_fp", cache_fp, a.params)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -124,3 +124,40 @@ def stage_timer(log: logging.Logger, stage: str) -> Iterator[dict]:
 
 def dir_size_mb(path: str | Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+# ----------------------------------------------------------------------------- command line
+USER_ERRORS = (ValueError, OSError)  # bad params/config values (ParamsError is a ValueError), missing or bad files
+
+
+def call(name: str, fn, *args: Any, **kwargs: Any) -> Any:
+    """The plain stage runner: ``fn(*args, **kwargs)`` (``pipeline.run`` passes a Prefect one)."""
+    return fn(*args, **kwargs)
+
+
+def stage_parser(doc: str | None, params: bool = True):
+    """The argument parser of a stage's command line: ``--params`` (the params file, default
+    params.yaml) and ``--debug`` (show the traceback of an error)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    if params:
+        ap.add_argument("--params", default=None, help="the params file (default params.yaml)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (or VLMQ_DEBUG=1)")
+    return ap
+
+
+def run_cli(main, argv: list[str] | None = None) -> Any:
+    """Run a stage's ``main(argv)``: a params, config or input error prints as one line on stderr
+    (``error: <file or key>: <what is wrong>``) and exits with code 2, with no traceback unless
+    ``--debug`` is on the command line or ``VLMQ_DEBUG=1``."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("VLMQ_DEBUG", "0") == "1"
+    try:
+        return main(argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        msg = "; ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+        print(f"error: {msg or type(err).__name__} (--debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

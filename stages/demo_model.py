@@ -38,7 +38,7 @@ def main() -> None:
     out_dir = Path(params.out_dir)
     t0 = time.time()
     rows = read_rows(out_dir / "train.parquet")
-    calib = read_rows(out_dir / "calib.parquet")
+    calib = read_rows(out_dir / "calib.parquet")[:tp.tokenizer_calib_rows]  # the committed model: the first 256
     texts = [t for r in rows for t in r["question"] + r["answer"]]
     texts += [r["question"] for r in calib] + [r["answer"] for r in calib] + list(CAPTION_INSTRUCTIONS) + CHAT_SCAFFOLD
     set_determinism(tp.seed, tp.threads)

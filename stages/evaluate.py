@@ -17,7 +17,6 @@ e.g. ``vlmq-w3g128``), atomically:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -26,11 +25,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common import atomic_path, get_logger, stage_timer, write_json, write_parquet
+from stages.common import atomic_path, call, get_logger, run_cli, stage_parser, stage_timer, write_json, write_parquet
 from stages.params import Params, load_params, run_name
+from vlmq.state import STATE_DIR
 
 OUT_DIR = Path("reports/eval")
-STATE = Path("data/quantize")
+STATE = STATE_DIR
 DEMO_TASK = "vlmq_demo"
 PER_QUESTION_COLUMNS = ["task", "doc_id", "question_id", "skill", "correct", "prediction", "target",
                         "answer_nll", "kl_to_fp"]
@@ -274,18 +274,17 @@ def evaluate(params_path: str | Path | None = None, out_dir: str | Path = OUT_DI
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default=None)
+def main(argv: list[str] | None = None, runner=call):
+    """The stage's command line; ``runner(name, fn, *args)`` runs the stage function (plain here,
+    as a Prefect flow from ``python -m pipeline.run``)."""
+    ap = stage_parser(__doc__)
     ap.add_argument("--out", default=str(OUT_DIR))
     ap.add_argument("--state", default=str(STATE), help="state directory of the quantize run")
     ap.add_argument("--runs", default="fp,quant", help="comma-separated: fp, quant (default both)")
     a = ap.parse_args(argv)
-    from pipeline.flows import run_stage
-
     runs = tuple(r.strip() for r in a.runs.split(",") if r.strip())
-    run_stage("evaluate", evaluate, a.params, a.out, runs, a.state)
+    return runner("evaluate", evaluate, a.params, a.out, runs, a.state)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,9 +7,8 @@ Writes ``latency.out`` (default ``reports/latency.json``); the report stage turn
 
 from __future__ import annotations
 
-import argparse
 
-from stages.common import get_logger, stage_timer
+from stages.common import call, get_logger, run_cli, stage_parser, stage_timer
 
 
 def latency(params_path=None) -> dict:
@@ -20,14 +19,13 @@ def latency(params_path=None) -> dict:
         return run_benchmark(params_path, log=log.info)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default=None)
+def main(argv: list[str] | None = None, runner=call):
+    """The stage's command line; ``runner(name, fn, *args)`` runs the stage function (plain here,
+    as a Prefect flow from ``python -m pipeline.run``)."""
+    ap = stage_parser(__doc__)
     a = ap.parse_args(argv)
-    from pipeline.flows import run_stage
-
-    run_stage("latency", latency, a.params)
+    return runner("latency", latency, a.params)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

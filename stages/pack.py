@@ -11,18 +11,16 @@ linear, everything else FP), ``config.json`` with ``quantization_config``, the p
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-from stages.common import get_logger, stage_timer, write_json
+from stages.common import call, get_logger, run_cli, stage_parser, stage_timer, write_json
 from stages.params import load_params, run_name
-from stages.quantize import STATE, apply_fp_tensors
+from vlmq.state import STATE_DIR, apply_fp_tensors, read_summary, solved_file
 
 REPORT = Path("reports/pack.json")
 
 
-def pack(params_path: str | Path | None = None, state_dir: str | Path = STATE, report: str | Path = REPORT) -> dict:
+def pack(params_path: str | Path | None = None, state_dir: str | Path = STATE_DIR, report: str | Path = REPORT) -> dict:
     from safetensors.torch import load_file
 
     from vlmq.checkpoint import write_packed
@@ -30,16 +28,12 @@ def pack(params_path: str | Path | None = None, state_dir: str | Path = STATE, r
 
     log = get_logger("pack")
     params = load_params(params_path)
-    state_dir = Path(state_dir)
-    summary_file = state_dir / "summary.json"
-    if not summary_file.is_file():
-        raise FileNotFoundError(f"{summary_file}: missing (run the quantize stage first)")
-    summary = json.loads(summary_file.read_text())
+    summary = read_summary(state_dir)
     with stage_timer(log, "pack"):
         model, processor, adapter = load_model(params.model.path)
         solved = []
         for l in range(len(adapter.decoder_layers(model))):
-            f = state_dir / f"layer_{l:03d}" / "solved.safetensors"
+            f = solved_file(state_dir, l)
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: missing (the quantize run did not finish layer {l})")
             solved.append(load_file(str(f)))
@@ -59,14 +53,13 @@ def pack(params_path: str | Path | None = None, state_dir: str | Path = STATE, r
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default=None)
+def main(argv: list[str] | None = None, runner=call):
+    """The stage's command line; ``runner(name, fn, *args)`` runs the stage function (plain here,
+    as a Prefect flow from ``python -m pipeline.run``)."""
+    ap = stage_parser(__doc__)
     a = ap.parse_args(argv)
-    from pipeline.flows import run_stage
-
-    run_stage("pack", pack, a.params)
+    return runner("pack", pack, a.params)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

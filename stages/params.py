@@ -14,6 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vlmq.methods import METHOD_NAMES
+
 DEFAULT_PARAMS = Path(os.environ.get("VLMQ_PARAMS", "params.yaml"))
 
 
@@ -69,6 +71,9 @@ class ImportanceParams(_Strict):
     pact_keep: float = Field(0.55, gt=0.0, le=1.0)     # pact: fraction of vision tokens kept by the EUTI pruning
     pact_cutoff: float = Field(0.21, ge=0.0, le=2.0)   # pact: DBDPC cutoff (cosine distance of the keys)
     pact_coef: float = Field(1.5, ge=0.0)              # pact: pruned tokens within coef * cutoff are retrieved
+    first_layer: Literal["rtn_fallback", "uniform"] = "rtn_fallback"  # gradient: the zero-loss rule (layer 0, X̂ = X)
+    power: float = Field(1.0, ge=0.0)                  # G^p in H̃ = X G^{2p} Xᵀ (1 = the paper; 0.5 = X G Xᵀ)
+    floor: float = Field(0.0, ge=0.0, le=1.0)          # β: g² ← (1 − β) g²/mean(g²) + β per projection and layer
 
     @model_validator(mode="after")
     def _breakpoint_needs_block(self):
@@ -78,8 +83,8 @@ class ImportanceParams(_Strict):
         return self
 
 
-METHODS = ("rtn", "gptq", "gptaq", "vlmq", "awq", "mbq", "vlm_ptq", "vlmq+vlm_ptq")
-Method = Literal["rtn", "gptq", "gptaq", "vlmq", "awq", "mbq", "vlm_ptq", "vlmq+vlm_ptq"]
+METHODS = METHOD_NAMES  # the registered strategies (vlmq/methods/__init__.py)
+Method = Literal[METHOD_NAMES]
 
 
 class AWQParams(_Strict):
@@ -98,6 +103,15 @@ class VLMPTQParams(_Strict):
     max_shrink: float = Field(0.5, ge=0.0, lt=1.0)  # ratios from 1 down to 1 - max_shrink
 
 
+class GPTAQParams(_Strict):
+    """The GPTAQ update (``vlmq/solver.py``, docs/solver.md): ``reference`` is the GPTAQ reference
+    code's P = α·triu(D Uᵀ, 1)·U (the paper's setting, α = 0.25), ``exact`` the derived full
+    shift W* = W + α·W D H_λ⁻¹ (α = 1: the greedy conditional optimum). α = 0 is GPTQ."""
+
+    alpha: float = Field(0.25, ge=0.0)
+    update: Literal["reference", "exact"] = "reference"
+
+
 class QuantParams(_Strict):
     """Weight quantization of the language backbone's decoder linears."""
 
@@ -109,6 +123,7 @@ class QuantParams(_Strict):
     damp: float = Field(0.01, gt=0.0)
     block_size: int = Field(128, ge=1)
     precursor: Literal["gptq", "gptaq"] = "gptaq"
+    gptaq: GPTAQParams = GPTAQParams()
     awq: AWQParams = AWQParams()
     vlm_ptq: VLMPTQParams = VLMPTQParams()
 
@@ -151,6 +166,7 @@ class DemoDataParams(_Strict):
     n_train: int = Field(30000, ge=1)          # train images (one row each, one question per skill)
     n_calib: int = Field(256, ge=1)            # calibration images (instruction + caption)
     eval_per_skill: int = Field(200, ge=1)     # held-out questions per skill
+    val_per_skill: int = Field(0, ge=0)        # validation questions per skill (0 = no val split)
     grid: int = Field(8, ge=2)                 # cells per side; a cell is one merged vision token
     cell: int = Field(28, ge=14)               # pixels per cell (28 = 14-px patches, 2x2 merge)
     min_objects: int = Field(1, ge=1)
@@ -213,6 +229,7 @@ class DemoTrainParams(_Strict):
     value_weight: float = Field(0.0, ge=0.0)   # probes of cell row/column and option letter on heads 0/1's values
     option_weight: float = Field(0.0, ge=0.0)  # multiple choice: next layer's heads 0/1 onto the right option's text
     route_weight: float = Field(0.0, ge=0.0)   # heads 0/1 of the layer before attn_layer onto the words the question names
+    tokenizer_calib_rows: int | None = Field(None, ge=0)  # calib captions the tokenizer is trained on (null = all)
 
 
 class DemoParams(_Strict):
@@ -261,6 +278,8 @@ class SweepParams(_Strict):
     extra_points: list[SweepPoint] = []   # settings besides bits x group_sizes (e.g. per-channel W3)
     importance: list[Literal["gradient", "constant", "random", "fastv", "pact"]] = ["gradient"]
     gptq_precursor_at_2bit: bool = True   # the paper's ‡ rows: VLMQ on GPTQ at 2 bits
+    extra_branches: list[dict[str, dict]] = []  # more branches: params overrides, e.g.
+                                          # {quant: {method: vlmq, bits: 3}, importance: {power: 0.5}}
     engine: Literal["threads", "dask"] = "threads"
     workers: int = Field(1, ge=1)
     dask_address: str | None = None       # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786
@@ -327,11 +346,18 @@ class Params(_Strict):
 def run_name(params: "Params") -> str:
     """Name of the quantized configuration, e.g. ``vlmq-w3g128`` (precursor and importance source
     appended when not the defaults): used for ``reports/eval/<run>/`` and the report rows."""
+    from vlmq.methods import get_method
+
     q = params.quant
     gs = "c" if q.group_size == -1 else f"g{q.group_size}"
     name = f"{q.method}-w{q.bits}{gs}"
     if q.method in ("vlmq", "vlmq+vlm_ptq") and q.precursor != "gptaq":
         name += f"-{q.precursor}"
+    if get_method(q.method).solver(q) == "gptaq":  # a non-default GPTAQ update
+        if q.gptaq.update != GPTAQParams().update:
+            name += f"-{q.gptaq.update}"
+        if q.gptaq.alpha != GPTAQParams().alpha:
+            name += f"-a{q.gptaq.alpha:g}"
     if q.method in ("vlm_ptq", "vlmq+vlm_ptq") and q.vlm_ptq.target != "corrected":
         name += f"-{q.vlm_ptq.target}"
     if q.method in ("vlmq", "mbq", "vlmq+vlm_ptq"):
@@ -347,6 +373,12 @@ def run_name(params: "Params") -> str:
                 name += f"-{imp.breakpoint}"
         if imp.norm != "l1":
             name += f"-{imp.norm}"
+        if imp.source == "gradient" and imp.first_layer != "rtn_fallback":
+            name += f"-first_{imp.first_layer}"
+        if imp.power != 1.0:
+            name += f"-p{imp.power:g}"
+        if imp.floor != 0.0:
+            name += f"-fl{imp.floor:g}"
         if list(imp.enhance) != ["q_proj", "k_proj", "v_proj", "o_proj"]:
             name += "-enh_" + "".join(e[0] for e in imp.enhance)
     if q.sym:

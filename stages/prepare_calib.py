@@ -10,7 +10,6 @@ skipped. Writes ``data/calib/calib.parquet`` (schema in the README, "Artifacts")
 
 from __future__ import annotations
 
-import argparse
 import io
 import random
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from stages.common import get_logger, stage_timer, write_json, write_parquet
+from stages.common import call, get_logger, run_cli, stage_parser, stage_timer, write_json, write_parquet
 from stages.params import CalibParams, load_params
 
 OUT_DIR = Path("data/calib")
@@ -147,15 +146,14 @@ def prepare_calib(params_path: str | Path | None = None, out_dir: str | Path = O
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default=None)
+def main(argv: list[str] | None = None, runner=call):
+    """The stage's command line; ``runner(name, fn, *args)`` runs the stage function (plain here,
+    as a Prefect flow from ``python -m pipeline.run``)."""
+    ap = stage_parser(__doc__)
     ap.add_argument("--out", default=str(OUT_DIR))
     a = ap.parse_args(argv)
-    from pipeline.flows import run_stage
-
-    run_stage("prepare_calib", prepare_calib, a.params, a.out)
+    return runner("prepare_calib", prepare_calib, a.params, a.out)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -21,7 +21,6 @@ lm_head stay full precision.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -32,11 +31,12 @@ from pathlib import Path
 import torch
 
 from stages.cache_fp import DTYPES, load_context, load_layer
-from stages.common import get_logger, peak_rss_mb, save_safetensors, write_json, write_parquet
+from stages.common import call, get_logger, peak_rss_mb, run_cli, save_safetensors, stage_parser, write_json, write_parquet
 from stages.params import Params, load_params, run_name
+from vlmq.state import STATE_DIR, apply_solved_layer, layer_dir, solved_file, solved_tensors
 
 CACHE = Path("data/cache")
-STATE = Path("data/quantize")
+STATE = STATE_DIR
 IMPORTANCE = Path("data/importance")
 REPORTS = Path("reports/quantize")
 SEGMENTS = ("system", "image", "instruction", "answer")
@@ -55,7 +55,9 @@ def layer_config(params: Params):
                             pact_cutoff=imp.pact_cutoff, pact_coef=imp.pact_coef,
                             awq_grid=q.awq.grid, vlm_ptq_target=q.vlm_ptq.target,
                             vlm_ptq_vision_weight=q.vlm_ptq.vision_weight, vlm_ptq_grid=q.vlm_ptq.grid,
-                            vlm_ptq_max_shrink=q.vlm_ptq.max_shrink)
+                            vlm_ptq_max_shrink=q.vlm_ptq.max_shrink, gptaq_alpha=q.gptaq.alpha,
+                            gptaq_update=q.gptaq.update, first_layer=imp.first_layer,
+                            importance_power=imp.power, importance_floor=imp.floor)
 
 
 def importance_label(imp) -> str:
@@ -138,60 +140,6 @@ def read_file_importance(path: Path, layer: int, ctx) -> dict[str, list[torch.Te
     return out
 
 
-QUANT_SUFFIXES = (".int_weight", ".scales", ".zeros", ".g_idx")
-
-
-def apply_solved_layer(adapter, layer, path: Path) -> None:
-    """Set a decoder layer's linears to the dequantized solved weights stored at ``path``, and its
-    other stored parameters (AWQ/MBQ's folded ``<norm>.weight``, ``self_attn.v_proj.bias``) to the
-    stored FP values."""
-    from safetensors.torch import load_file
-
-    from vlmq.quant import dequantize
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"quantized state: {path} is missing (run the quantize stage)")
-    t = load_file(str(path))
-    for name in adapter.linear_names:
-        W = dequantize(t[f"{name}.int_weight"], t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"])
-        adapter.set_weight(layer, name, W)
-    apply_fp_tensors(layer, t, path)
-
-
-def apply_fp_tensors(layer, t: dict, path) -> None:
-    """Copy the stored non-quantized parameters of a solved layer (every key of ``t`` that is not
-    ``<linear>.int_weight/scales/zeros/g_idx``, e.g. AWQ's folded ``input_layernorm.weight``)
-    into ``layer``."""
-    for key, value in t.items():
-        if key.endswith(QUANT_SUFFIXES):
-            continue
-        try:
-            param = layer.get_parameter(key)
-        except AttributeError:
-            raise ValueError(f"quantized state: {path} has tensor {key!r}, which is no parameter of the layer") from None
-        if tuple(param.shape) != tuple(value.shape):
-            raise ValueError(f"quantized state: {path}: {key} has shape {list(value.shape)}, "
-                             f"the layer's is {list(param.shape)}")
-        with torch.no_grad():
-            param.copy_(value.to(device=param.device, dtype=param.dtype))
-
-
-def load_fake_quantized_model(model_path: str | Path, state_dir: str | Path = STATE,
-                              dtype: torch.dtype = torch.float32):
-    """The FP model with every decoder layer's linears replaced by the solved (dequantized)
-    weights of a finished quantize run: ``(model, processor, adapter, summary)``."""
-    from vlmq.models import load_model
-
-    state_dir = Path(state_dir)
-    summary_file = state_dir / "summary.json"
-    if not summary_file.is_file():
-        raise FileNotFoundError(f"quantized state: {summary_file} is missing (quantize did not finish)")
-    model, processor, adapter = load_model(model_path, dtype=dtype)
-    for l, layer in enumerate(adapter.decoder_layers(model)):
-        apply_solved_layer(adapter, layer, state_dir / f"layer_{l:03d}" / "solved.safetensors")
-    return model, processor, adapter, json.loads(summary_file.read_text())
-
-
 @dataclass
 class QuantizeRun:
     """The loop's state; the flow (pipeline/flows.py) calls :meth:`step` once per layer."""
@@ -235,10 +183,10 @@ class QuantizeRun:
             self.x_hat = load_layer(self.cache_dir, 0, self.dtype)
 
     def layer_dir(self, l: int) -> Path:
-        return self.state_dir / f"layer_{l:03d}"
+        return layer_dir(self.state_dir, l)
 
     def apply_solved(self, l: int) -> None:
-        apply_solved_layer(self.adapter, self.layers[l], self.layer_dir(l) / "solved.safetensors")
+        apply_solved_layer(self.adapter, self.layers[l], solved_file(self.state_dir, l))
 
     def load_x_hat(self, l: int) -> list[torch.Tensor]:
         from safetensors.torch import load_file
@@ -306,13 +254,8 @@ class QuantizeRun:
         self.layers[l].to("cpu")
         d = self.layer_dir(l)
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name, r in outcome.results.items():
-            tensors.update({f"{name}.int_weight": r.int_weight.to(torch.uint8), f"{name}.scales": r.scales,
-                            f"{name}.zeros": r.zeros.to(torch.uint8), f"{name}.g_idx": r.g_idx})
-        tensors.update({k: v.contiguous() for k, v in outcome.fp_params.items()})  # AWQ/MBQ folds
         q = self.params.quant
-        save_safetensors(tensors, d / "solved.safetensors",
+        save_safetensors(solved_tensors(outcome.results, outcome.fp_params), solved_file(self.state_dir, l),
                          metadata={"bits": str(q.bits), "group_size": str(q.group_size), "sym": str(q.sym),
                                    "method": q.method, "layer": str(l)})
         if outcome.g:
@@ -343,6 +286,9 @@ class QuantizeRun:
                    "layers": per_layer}
         summary["run"] = run_name(self.params)
         write_json(self.state_dir / "summary.json", summary)
+        files = sorted(f.name for f in self.importance_dir.glob("layer_*.parquet")) if self.cfg.uses_importance else []
+        write_json(self.importance_dir / "summary.json",  # always there: the DVC out exists for every method
+                   {"run": summary["run"], "method": q.method, "importance": summary["importance"], "files": files})
         write_json(self.report_dir / f"{summary['run']}.json", {k: v for k, v in summary.items() if k != "layers"})
         return summary
 
@@ -358,14 +304,13 @@ def quantize(params_path: str | Path | None = None, **dirs) -> dict:
     return run.finish(time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default=None)
+def main(argv: list[str] | None = None, runner=call):
+    """The stage's command line; ``runner(name, fn, *args)`` runs the stage function (plain here,
+    as a Prefect flow from ``python -m pipeline.run``)."""
+    ap = stage_parser(__doc__)
     a = ap.parse_args(argv)
-    from pipeline.flows import run_quantize
-
-    run_quantize(a.params)
+    return runner("quantize", quantize, a.params)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

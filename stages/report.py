@@ -20,14 +20,13 @@ A missing or corrupt result file fails naming the file: never a silently partial
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
-from stages.common import atomic_path, get_logger, stage_timer, write_json
+from stages.common import atomic_path, call, get_logger, run_cli, stage_parser, stage_timer, write_json
 
 EVAL = Path("reports/eval")
 QUANT = Path("reports/quantize")
@@ -318,13 +317,13 @@ def report(eval_dir: str | Path = EVAL, quant_dir: str | Path = QUANT, out_dir: 
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, runner=call):
+    """The stage's command line; ``runner(name, fn, *args)`` runs the stage function (plain here,
+    as a Prefect flow from ``python -m pipeline.run``)."""
+    ap = stage_parser(__doc__, params=False)
     ap.parse_args(argv)
-    from pipeline.flows import run_stage
-
-    run_stage("report", report)
+    return runner("report", report)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -269,7 +269,8 @@ def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tm
     from stages.cache_fp import cache_fp
     from stages.pack import pack
     from stages.prepare_calib import prepare_calib
-    from stages.quantize import load_fake_quantized_model, quantize
+    from stages.quantize import quantize
+    from vlmq.state import load_fake_quantized_model
     from stages.report import latency_tables
 
     os.environ["VLMQ_NO_PREFECT"] = "1"

@@ -229,3 +229,14 @@ def test_count_kinds_restricts_what_count_questions_count(tmp_path):
     mixed = SceneSpec()
     kinds = {q_count(mixed.sample(rng), rng, mixed)[0].split()[2] for _ in range(100)}
     assert len(kinds) > 2  # the default asks per colour and per shape too
+
+
+def test_val_split_disjoint_and_leaves_the_others_unchanged(splits, tmp_path):
+    with_val = build_splits(tmp_path, seed=3, n_train=40, n_calib=12, eval_per_skill=12, spec=SPEC, val_per_skill=6)
+    for name in ("train", "calib", "eval"):
+        assert _sha(splits[name]) == _sha(with_val[name]), name
+    val = read_rows(with_val["val"])
+    assert [sum(r["skill"] == s for r in val) for s in SKILLS] == [6] * len(SKILLS)
+    assert all(r["image_id"].startswith("val-") for r in val)
+    seen = {r["scene"] for n in ("train", "calib", "eval") for r in read_rows(with_val[n])}
+    assert not seen & {r["scene"] for r in val}

@@ -1,11 +1,14 @@
 """`dvc repro` end to end on a tiny configuration, in a throwaway git + DVC repository.
 
 Checks: the whole chain runs; `dvc status` is clean afterwards; a second `dvc repro` runs
-nothing; editing only an evaluation parameter re-runs exactly `evaluate` and `report`.
+nothing; editing only an evaluation parameter re-runs exactly `evaluate` and `report`; every
+`quant.method` the params schema accepts runs through quantize and pack; afterwards `git status`
+shows only what is meant to be committed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -41,6 +44,9 @@ def make_repo(tmp_path, tiny_vlm):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item,
                                                             **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
+    for ignore in ("data/.gitignore", "data/demo/.gitignore", "reports/.gitignore"):  # as committed
+        (repo / ignore).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / ignore, repo / ignore)
     shutil.copytree(tiny_vlm["model"], repo / "data" / "demo" / "model")
     params = yaml.safe_load((REPO / "params.yaml").read_text())  # dvc.yaml interpolates its values
     params["demo"]["data"].update(n_train=4, n_calib=8, eval_per_skill=2, grid=4, max_objects=3)
@@ -129,3 +135,37 @@ def test_killed_repro_resumes_and_exp_run_set_param(tmp_path, tiny_vlm):
     assert "quantize" in ran(out) and "demo_data" not in ran(out), out[-3000:]
     assert yaml.safe_load((repo / "params.yaml").read_text())["quant"]["bits"] == 4
     assert (repo / "reports/eval/vlmq-w4g64/result.json").is_file()
+
+
+# What `dvc repro` leaves for git: the lock file and the outs DVC keeps in git (cache: false).
+GIT_OUTS = {"dvc.lock", "reports/pack.json", "reports/latency.json", "reports/summary.md", "reports/summary.csv",
+            "reports/metrics.json", "reports/plots/"}
+
+
+def test_every_method_through_dvc(tmp_path, tiny_vlm):
+    """`dvc repro pack` for every quant.method of the schema (each run replaces the last: quantize
+    and pack re-run, the importance directory exists for all), then `dvc exp run -S` with a
+    non-default method through the whole chain; `git status` shows only the committed outs."""
+    from stages.params import METHODS
+
+    repo, params, env, dvc = make_repo(tmp_path, tiny_vlm)
+    assert params["quant"]["method"] == "vlmq"
+    for method in ("vlmq",) + tuple(m for m in METHODS if m != "vlmq"):
+        params["quant"]["method"] = method
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        out = sh(dvc + ["repro", "pack"], repo, env)
+        assert {"quantize", "pack"} <= set(ran(out)), (method, out[-3000:])
+        imp = json.loads((repo / "data/importance/summary.json").read_text())
+        assert imp["method"] == method
+        has_g = bool(sorted((repo / "data/importance").glob("layer_*.parquet")))
+        assert has_g == (imp["importance"] is not None) == (method in ("vlmq", "mbq", "vlmq+vlm_ptq")), (method, imp)
+        assert json.loads((repo / "reports/pack.json").read_text())["run"].startswith(method + "-")
+
+    params["quant"]["method"] = "vlmq"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    out = sh(dvc + ["exp", "run", "-S", "quant.method=gptq"], repo, env)
+    assert {"quantize", "pack", "evaluate", "report"} <= set(ran(out)), out[-3000:]
+    assert (repo / "reports/eval/gptq-w3g64/result.json").is_file()
+    status = sh(["git", "status", "--porcelain", "--untracked-files=normal"], repo, env)
+    changed = {line[3:].strip() for line in status.splitlines() if line.strip()}
+    assert changed - {"params.yaml"} <= GIT_OUTS, status

@@ -62,7 +62,7 @@ def batches_of(run, l=0):
 @pytest.mark.parametrize("method", ["awq", "mbq"])
 def test_scale_fold_keeps_the_fp_function(front, tiny_vlm, monkeypatch, method):
     from stages.quantize import QuantizeRun
-    from vlmq.quantize import mbq_loss_weights, scale_layer
+    from vlmq.methods.awq import mbq_loss_weights, scale_layer
 
     monkeypatch.chdir(front)
     run = QuantizeRun(load_params(write_params(front / "params.yaml", tiny_vlm, method=method)),
@@ -113,7 +113,8 @@ def test_gqa_o_proj_has_no_exact_fold(front, tiny_vlm):
 
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_new_method_end_to_end(front, tiny_vlm, monkeypatch, method):
-    from stages.quantize import QuantizeRun, load_fake_quantized_model
+    from stages.quantize import QuantizeRun
+    from vlmq.state import load_fake_quantized_model
     from vlmq.models import load_model
 
     monkeypatch.chdir(front)

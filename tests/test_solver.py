@@ -1,9 +1,12 @@
 """The solver against independent references, in float64, on fresh random inputs.
 
-The oracle below is the literal, unblocked column-by-column algorithm: after fixing each column to
-its quantized value it re-solves ALL remaining columns for the conditional optimum of the
-(damped, weighted, asymmetric) objective with a direct linear solve — no Cholesky factor, no lazy
-block updates, no in-place OBS updates. The blocked solver must match it to 1e-9 relative.
+The oracle below is the literal, unblocked column-by-column algorithm of the exact update
+(GPTQ, and GPTAQ with ``gptaq_update="exact"``): after fixing each column to its quantized value it
+re-solves ALL remaining columns for the conditional optimum of the (damped, weighted, asymmetric)
+objective with a direct linear solve — no Cholesky factor, no lazy block updates, no in-place OBS
+updates. ``reference_update`` is GPTAQ's reference update (``gptaq_update="reference"``) written
+straight from its equations as a plain column-by-column loop (U from a direct inverse and Cholesky,
+no blocks). The blocked solver must match both to 1e-9 relative, with identical integers.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from vlmq.solver import quantize_weight, solve
 
 
 # ----------------------------------------------------------------------------- references
-def literal_params(cols: torch.Tensor, bits: int, sym: bool):
-    """Eq. 13-14 written out per row, in plain Python floats (range widened to contain 0)."""
+def literal_params(cols: torch.Tensor, bits: int, sym: bool, ratios=None):
+    """Eq. 13-14 written out per row, in plain Python floats (range widened to contain 0, then
+    shrunk by the row's clipping ratio, if ``ratios`` is given)."""
     maxq = 2**bits - 1
     s_out, z_out = [], []
-    for row in cols.tolist():
+    for k, row in enumerate(cols.tolist()):
         lo, hi = min(min(row), 0.0), max(max(row), 0.0)
+        if ratios is not None:
+            lo, hi = lo * ratios[k], hi * ratios[k]
         if sym:
             amax = max(-lo, hi)
             s = 2 * amax / maxq or 1.0
@@ -38,7 +44,23 @@ def literal_params(cols: torch.Tensor, bits: int, sym: bool):
     return torch.tensor(s_out, dtype=torch.float64), torch.tensor(z_out, dtype=torch.float64)
 
 
-def oracle(W, X_hat, X=None, g=None, *, bits, group_size, sym, act_order, damp, method):
+def literal_clip_params(cols: torch.Tensor, imp: torch.Tensor, bits: int, sym: bool, ratios):
+    """The clipping search by brute force: per row, the ratio (first of ties) with the least
+    importance-weighted error sum_c a_c (w_c - Q(w_c))^2 on its literal grid."""
+    maxq = 2**bits - 1
+    best = []
+    for k, row in enumerate(cols.tolist()):
+        errs = []
+        for r in ratios:
+            s, z = (float(t) for t in literal_params(cols[k:k + 1], bits, sym, [r]))
+            dq = [s * (min(max(round(w / s) + z, 0), maxq) - z) for w in row]
+            errs.append(sum(a * (w - d) ** 2 for w, d, a in zip(row, dq, imp.tolist())))
+        best.append(ratios[errs.index(min(errs))])
+    return literal_params(cols, bits, sym, best)
+
+
+def oracle(W, X_hat, X=None, g=None, *, bits, group_size, sym, act_order, damp, method, alpha=1.0):
+    """The exact update; ``alpha`` scales D (W* = W + alpha W D H_lambda^-1), as gptaq_alpha does."""
     W = W.double()
     X_hat = X_hat.double()
     n_tok, n = X_hat.shape
@@ -49,7 +71,7 @@ def oracle(W, X_hat, X=None, g=None, *, bits, group_size, sym, act_order, damp, 
     Hl = H + damp * torch.diagonal(H).mean() * torch.eye(n, dtype=torch.float64)
     W_star = W.clone()
     if method == "gptaq":
-        D = ((X.double() - X_hat).T * w2) @ X_hat / n_tok
+        D = alpha * ((X.double() - X_hat).T * w2) @ X_hat / n_tok
         W_star = W + torch.linalg.solve(Hl, (W @ D).T).T  # W + W D Hl^-1
     W_star[:, dead] = 0.0
     order = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
@@ -75,6 +97,66 @@ def oracle(W, X_hat, X=None, g=None, *, bits, group_size, sym, act_order, damp, 
             E_P = DQ[:, fixed] - W_star[:, fixed]
             cur[:, free] = W_star[:, free] - E_P @ Hl[fixed][:, free] @ torch.linalg.inv(Hl[free][:, free])
     return Q, DQ
+
+
+def reference_update(W, X_hat, X, g=None, *, bits, group_size, sym, act_order, damp, alpha, block,
+                     target="corrected", ratios=None, imp=None):
+    """GPTAQ's reference update as a plain loop over columns (in act_order order), from W:
+    P = alpha triu(D U^T, 1) U with U the upper Cholesky factor of H_lambda^-1 (here from a direct
+    inverse); column i is rounded (group parameters from the current values of the group, at its
+    first column); err_i = (w_i - q_i) / U_ii; every later column j: w_j -= err_i U_ij - v_i P_ij,
+    v_i = w_i (its value before rounding) for j in the same block of ``block`` columns, added at once;
+    v_i = q_i (the rounded value) for j beyond, added when the block is finished (the reference
+    code's lazy update reads the block after rounding).
+    The residual's share S (from 0): S_j -= S_i / U_ii U_ij - v_i P_ij; "uncorrected" rounds w_i - S_i.
+    Records the closest any rounding decision came to a tie in ``reference_update.tie_margin``."""
+    W = W.double().clone()
+    X_hat = X_hat.double()
+    n_tok, n = X_hat.shape
+    w2 = torch.ones(n_tok, dtype=torch.float64) if g is None else g.double() ** 2
+    H = (X_hat.T * w2) @ X_hat / n_tok
+    D = ((X.double() - X_hat).T * w2) @ X_hat / n_tok
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    order = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
+             else torch.arange(n))
+    H, D, cur = H[order][:, order], D[order][:, order], W[:, order]
+    Hl = H + damp * torch.diagonal(H).mean() * torch.eye(n, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(Hl), upper=True)
+    P = alpha * torch.triu(D @ U.T, diagonal=1) @ U
+    S = torch.zeros_like(cur)
+    imp = None if imp is None else imp.double()[order]
+    gs = n if group_size == -1 else group_size
+    maxq = 2**bits - 1
+    Q, DQ = torch.zeros_like(cur), torch.zeros_like(cur)
+    reference_update.tie_margin = float("inf")
+    for i in range(n):
+        src = cur if target == "corrected" else cur - S
+        if i % gs == 0:
+            grp = src[:, i:i + gs]
+            s, z = (literal_params(grp, bits, sym) if ratios is None
+                    else literal_clip_params(grp, imp[i:i + gs], bits, sym, ratios))
+        x = src[:, i] / s
+        reference_update.tie_margin = min(reference_update.tie_margin,
+                                          float(((x - torch.floor(x)) - 0.5).abs().min()))
+        Q[:, i] = torch.clamp(torch.round(x) + z, 0, maxq)
+        DQ[:, i] = s * (Q[:, i] - z)
+        w = cur[:, i].clone()
+        err = (w - DQ[:, i]) / U[i, i]
+        s_err = S[:, i] / U[i, i]
+        end = min((i // block + 1) * block, n)
+        j, jb = slice(i + 1, n), slice(i + 1, end)  # every later column; those of the same block
+        cur[:, j] -= err[:, None] * U[i, j]
+        S[:, j] -= s_err[:, None] * U[i, j]
+        cur[:, jb] += w[:, None] * P[i, jb]
+        S[:, jb] += w[:, None] * P[i, jb]
+        if i + 1 == end:  # the block is rounded: the columns after it get its term of the rounded values
+            b0 = end - block
+            cur[:, end:] += DQ[:, b0:end] @ P[b0:end, end:]
+            S[:, end:] += DQ[:, b0:end] @ P[b0:end, end:]
+    inv = torch.argsort(order)
+    return Q[:, inv], DQ[:, inv]
 
 
 def correlated(n_tok, n, gen, outliers=3):
@@ -135,14 +217,21 @@ CASES = [
     ("gptaq", True, -1, True, False, 3),
     ("gptaq", True, 20, True, False, 8),  # 20 does not divide 72: partial last group
 ]
+EXACT_ALPHA_CASES = [  # the exact update with its residual term scaled: W* = W + alpha W D H_lambda^-1
+    ("gptaq", False, 16, False, False, 4),
+    ("gptaq", True, 20, True, False, 3),
+]
 
 
-@pytest.mark.parametrize("method,act_order,group_size,weighted,sym,bits", CASES)
-def test_blocked_solver_matches_float64_oracle(method, act_order, group_size, weighted, sym, bits):
+@pytest.mark.parametrize("method,act_order,group_size,weighted,sym,bits,alpha",
+                         [c + (1.0,) for c in CASES] + [c + (0.25,) for c in EXACT_ALPHA_CASES])
+def test_blocked_solver_matches_float64_oracle(method, act_order, group_size, weighted, sym, bits, alpha):
     # Fresh random inputs per case; a draw where some rounding decision lies within float noise
     # of a tie (w/s = k + 0.5 to 1e-9) is redrawn: there either integer is correct, and the
     # comparison would test float rounding instead of the algorithm.
     seed = zlib.crc32(repr((method, act_order, group_size, weighted, sym, bits)).encode())
+    if alpha != 1.0:
+        seed += 1000
     for attempt in range(10):
         gen = torch.Generator().manual_seed(seed + attempt)
         out_f, in_f, n_tok = 9, 72, 300
@@ -151,15 +240,102 @@ def test_blocked_solver_matches_float64_oracle(method, act_order, group_size, we
         X_hat = X + 0.2 * torch.randn(n_tok, in_f, generator=gen, dtype=torch.float64)
         g = torch.rand(n_tok, generator=gen, dtype=torch.float64) * 3 if weighted else None
         kw = dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=0.01, method=method)
-        Q, DQ = oracle(W, X_hat, X, g, **kw)
+        Q, DQ = oracle(W, X_hat, X, g, alpha=alpha, **kw)
         if oracle.tie_margin > 1e-9:
             break
     # small block size so that several lazy blocks (and group/block alignment) are exercised
-    r = quantize_weight(W, X_hat, fp_inputs=X, token_weights=g, block_size=16, **kw)
+    r = quantize_weight(W, X_hat, fp_inputs=X, token_weights=g, block_size=16, gptaq_update="exact",
+                        gptaq_alpha=alpha, **kw)
     assert r.dequant.dtype == torch.float64
     assert torch.equal(r.int_weight.double(), Q)
     rel = ((r.dequant - DQ).norm() / DQ.norm()).item()
     assert rel <= 1e-9, rel
+
+
+REFERENCE_CASES = [
+    # (out, in, tokens), act_order, group_size, sym, alpha, weighted, target, clip search, dead inputs
+    ((9, 72, 300), False, -1, False, 0.25, False, "corrected", False, False),
+    ((9, 72, 300), True, 32, False, 0.25, True, "corrected", False, False),
+    ((7, 100, 400), True, 32, False, 1.0, True, "corrected", False, True),   # 100: partial last group
+    ((5, 96, 300), False, 32, True, 0.7, False, "corrected", False, False),
+    ((9, 72, 300), True, -1, True, 0.25, True, "corrected", False, False),
+    ((6, 80, 300), True, 32, False, 0.25, True, "corrected", True, False),   # VLM-PTQ clipping search
+    ((9, 72, 300), True, 32, False, 0.25, True, "uncorrected", False, False),
+    ((7, 100, 400), False, -1, True, 0.7, False, "uncorrected", False, True),
+    ((6, 80, 300), True, 32, False, 1.0, False, "uncorrected", True, False),
+]
+
+
+@pytest.mark.parametrize("shape,act_order,group_size,sym,alpha,weighted,target,search,dead", REFERENCE_CASES)
+def test_reference_update_matches_unblocked_loop(shape, act_order, group_size, sym, alpha, weighted, target,
+                                                 search, dead):
+    """gptaq_update="reference" (blocked, block size 16 < in) against the plain float64 loop of its
+    equations; draws with a rounding decision within 1e-9 of a tie are redrawn (see above)."""
+    from vlmq.vlm_ptq import clip_ratios
+
+    out_f, in_f, n_tok = shape
+    seed = zlib.crc32(repr((shape, act_order, group_size, sym, alpha, weighted, target, search, dead)).encode())
+    for attempt in range(20):
+        gen = torch.Generator().manual_seed(seed + attempt)
+        W = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
+        X = correlated(n_tok, in_f, gen)
+        X_hat = X + 0.2 * torch.randn(n_tok, in_f, generator=gen, dtype=torch.float64)
+        if dead:
+            X_hat[:, [5, 41]] = 0.0  # dead inputs on the quantized path; X still carries them
+        g = torch.rand(n_tok, generator=gen, dtype=torch.float64) * 3 if weighted else None
+        ratios = clip_ratios(6, 0.4) if search else None
+        imp = torch.rand(in_f, generator=gen, dtype=torch.float64) if search else None
+        kw = dict(bits=3, group_size=group_size, sym=sym, act_order=act_order, damp=0.01)
+        blocks = (16, 24, in_f)  # 24: block ends inside the solver's group-aligned lazy blocks
+        refs = {b: reference_update(W, X_hat, X, g, alpha=alpha, block=b, target=target, ratios=ratios, imp=imp,
+                                    **kw) for b in blocks}
+        if reference_update.tie_margin > 1e-9:
+            break
+    assert reference_update.tie_margin > 1e-9, "no tie-free draw"
+    for b, (Q, DQ) in refs.items():
+        r = quantize_weight(W, X_hat, fp_inputs=X, token_weights=g, method="gptaq", gptaq_alpha=alpha,
+                            gptaq_update="reference", target=target, clip_ratios=ratios, channel_importance=imp,
+                            block_size=b, **kw)
+        assert r.dequant.dtype == torch.float64
+        assert torch.equal(r.int_weight.double(), Q), b
+        rel = ((r.dequant - DQ).norm() / DQ.norm()).item()
+        assert rel <= 1e-9, (b, rel)
+        if dead:
+            assert (r.dequant[:, [5, 41]] == 0).all()
+    if target == "corrected":
+        # the residual term is at work: neither GPTQ nor the exact update gives these integers
+        for other in (dict(method="gptq"), dict(method="gptaq", gptaq_update="exact", gptaq_alpha=alpha)):
+            o = quantize_weight(W, X_hat, fp_inputs=X, token_weights=g, target=target, clip_ratios=ratios,
+                                channel_importance=imp, block_size=16, **kw, **other)
+            assert not torch.equal(o.int_weight, r.int_weight), other
+
+
+@pytest.mark.parametrize("target", ["corrected", "uncorrected"])
+def test_alpha_zero_is_gptq_bit_for_bit(target):
+    """gptaq_alpha = 0 leaves no residual term: float32 GPTQ, bit for bit, with either update."""
+    from vlmq.vlm_ptq import clip_ratios
+
+    gen = torch.Generator().manual_seed(22)
+    W = torch.randn(24, 160, generator=gen)
+    X = correlated(500, 160, gen).float()
+    X_hat = X + 0.2 * torch.randn(X.shape, generator=gen)
+    acc = HessianAccumulator(160, residual=True)
+    acc.add(X_hat, X)
+    st = acc.finalize()
+    for extra in (dict(), dict(clip_ratios=clip_ratios(5, 0.3))):
+        kw = dict(bits=3, group_size=32, act_order=True, block_size=64, target=target, **extra)
+        gptq = solve(W, st, method="gptq", **kw)
+        for update in ("reference", "exact"):
+            r = solve(W, st, method="gptaq", gptaq_alpha=0.0, gptaq_update=update, **kw)
+            for f in ("dequant", "int_weight", "scales", "zeros"):
+                assert torch.equal(getattr(r, f), getattr(gptq, f)), (update, f, extra)
+    # the same through quantize_weight (GPTAQ's statistics also hold D)
+    a = quantize_weight(W, X_hat, fp_inputs=X, method="gptaq", gptaq_alpha=0.0, bits=3, group_size=32, target=target)
+    b = quantize_weight(W, X_hat, method="gptq", bits=3, group_size=32, target=target)
+    assert torch.equal(a.dequant, b.dequant) and torch.equal(a.int_weight, b.int_weight)
+    # and a nonzero alpha does change the result (the comparison above can fail)
+    c = quantize_weight(W, X_hat, fp_inputs=X, method="gptaq", gptaq_alpha=0.25, bits=3, group_size=32)
+    assert not torch.equal(c.int_weight, b.int_weight)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -205,7 +381,11 @@ def test_gptq_beats_rtn_on_every_draw():
         assert e_gptq < e_rtn, (draw, e_gptq, e_rtn)
 
 
-def test_gptaq_beats_gptq_on_asymmetric_objective():
+GPTAQ_UPDATES = [dict(gptaq_update="reference", gptaq_alpha=0.25), dict(gptaq_update="exact", gptaq_alpha=1.0)]
+
+
+@pytest.mark.parametrize("update", GPTAQ_UPDATES, ids=["reference", "exact"])
+def test_gptaq_beats_gptq_on_asymmetric_objective(update):
     for draw in range(10):
         gen = torch.Generator().manual_seed(2000 + draw)
         W = torch.randn(32, 128, generator=gen)
@@ -213,15 +393,16 @@ def test_gptaq_beats_gptq_on_asymmetric_objective():
         X_hat = X + 0.15 * X.std() * torch.randn(X.shape, generator=gen)  # earlier layers' noise
         kw = dict(bits=4, group_size=32, act_order=True)
         e_gptq = out_err(W, quantize_weight(W, X_hat, method="gptq", **kw).dequant, X, X_hat)
-        e_gptaq = out_err(W, quantize_weight(W, X_hat, fp_inputs=X, method="gptaq", **kw).dequant, X, X_hat)
+        e_gptaq = out_err(W, quantize_weight(W, X_hat, fp_inputs=X, method="gptaq", **kw, **update).dequant, X, X_hat)
         assert e_gptaq < e_gptq, (draw, e_gptaq, e_gptq)
 
 
-def test_gptaq_equals_gptq_when_inputs_are_equal():
+@pytest.mark.parametrize("update", GPTAQ_UPDATES, ids=["reference", "exact"])
+def test_gptaq_equals_gptq_when_inputs_are_equal(update):
     gen = torch.Generator().manual_seed(5)
     W = torch.randn(16, 64, generator=gen)
     X = correlated(500, 64, gen).float()
-    a = quantize_weight(W, X, fp_inputs=X, method="gptaq", bits=3, group_size=16)
+    a = quantize_weight(W, X, fp_inputs=X, method="gptaq", bits=3, group_size=16, **update)
     b = quantize_weight(W, X, method="gptq", bits=3, group_size=16)
     assert torch.equal(a.int_weight, b.int_weight)
 
@@ -241,26 +422,28 @@ def test_weighted_solve_lowers_weighted_error():
         assert e_weighted < e_plain, (draw, e_weighted, e_plain)
 
 
-@pytest.mark.parametrize("method", ["gptq", "gptaq"])
-def test_uniform_weights_are_bitwise_plain(method):
+@pytest.mark.parametrize("method,update", [("gptq", "reference"), ("gptaq", "reference"), ("gptaq", "exact")])
+def test_uniform_weights_are_bitwise_plain(method, update):
     gen = torch.Generator().manual_seed(7)
     W = torch.randn(24, 96, generator=gen)
     X = correlated(400, 96, gen).float()
     X_hat = X + 0.1 * torch.randn(X.shape, generator=gen)
-    kw = dict(fp_inputs=X, bits=3, group_size=32, act_order=True, method=method)
+    kw = dict(fp_inputs=X, bits=3, group_size=32, act_order=True, method=method, gptaq_update=update)
     plain = quantize_weight(W, X_hat, **kw)
     ones = quantize_weight(W, X_hat, token_weights=torch.ones(400), **kw)
     assert torch.equal(plain.dequant, ones.dequant) and torch.equal(plain.int_weight, ones.int_weight)
 
 
+@pytest.mark.parametrize("update", ["reference", "exact"])
 @pytest.mark.parametrize("c", [4.0, 0.3, 17.25])
-def test_scaling_g_by_a_constant_changes_nothing(c):
+def test_scaling_g_by_a_constant_changes_nothing(c, update):
+    # H, D and lambda scale by c^2, U by 1/c: W* and P = alpha triu(D U^T, 1) U are unchanged
     gen = torch.Generator().manual_seed(8)
     W = torch.randn(24, 96, generator=gen, dtype=torch.float64)
     X = correlated(400, 96, gen)
     X_hat = X + 0.1 * torch.randn(X.shape, generator=gen, dtype=torch.float64)
     g = torch.rand(400, generator=gen, dtype=torch.float64) + 0.1
-    kw = dict(fp_inputs=X, bits=3, group_size=32, act_order=True, method="gptaq")
+    kw = dict(fp_inputs=X, bits=3, group_size=32, act_order=True, method="gptaq", gptaq_update=update)
     a = quantize_weight(W, X_hat, token_weights=g, **kw)
     b = quantize_weight(W, X_hat, token_weights=g * c, **kw)
     assert torch.equal(a.int_weight, b.int_weight)
@@ -325,6 +508,11 @@ BAD = [
     (dict(group_size=0), "group_size=0"),
     (dict(method="obq"), "method='obq'"),
     (dict(damp=-1.0), "damp=-1.0"),
+    (dict(gptaq_update="foo"), "gptaq_update='foo'"),
+    (dict(gptaq_alpha=-1), "gptaq_alpha=-1"),
+    (dict(gptaq_alpha=float("nan")), "gptaq_alpha=nan"),
+    (dict(gptaq_alpha=float("inf"), method="gptaq"), "gptaq_alpha=inf"),
+    (dict(gptaq_alpha="0.25"), "gptaq_alpha='0.25'"),
 ]
 
 
@@ -332,9 +520,14 @@ BAD = [
 def test_bad_options_name_the_argument(kw, needle):
     W, X = torch.randn(4, 8), torch.randn(20, 8)
     with pytest.raises(ValueError) as e:
-        quantize_weight(W, X, **kw)
+        quantize_weight(W, X, fp_inputs=X, **kw)
     msg = str(e.value)
     assert needle in msg and "\n" not in msg
+    acc = HessianAccumulator(8, residual=True)
+    acc.add(X, X)
+    with pytest.raises(ValueError) as e:
+        solve(W, acc.finalize(), **kw)
+    assert needle in str(e.value)
 
 
 def test_bad_tensors_name_the_argument_and_layer():

@@ -67,7 +67,7 @@ def test_corrected_choice_of_one_column_is_the_brute_force_optimum_and_beats_rtn
     for _ in range(50):
         W, X_hat, X = draw(gen)
         r = quantize_weight(W, X_hat, fp_inputs=X, bits=bits, group_size=-1, act_order=False, damp=1e-8,
-                            method="gptaq", target="corrected")
+                            method="gptaq", gptaq_update="exact", gptaq_alpha=1.0, target="corrected")
         rtn_dq = dequantize(*rtn(W, bits, -1))
         for row in range(W.shape[0]):
             s, z = float(r.scales[row, 0]), float(r.zeros[row, 0])
@@ -154,8 +154,8 @@ def test_blocked_solver_matches_literal_oracle(target, act_order, group_size, se
     imp = torch.rand(n, generator=gen, dtype=torch.float64) if search else None
     ratios = clip_ratios(6, 0.5) if search else None
     r = quantize_weight(W, X_hat, fp_inputs=X, token_weights=g, bits=3, group_size=group_size,
-                        act_order=act_order, damp=0.01, method="gptaq", block_size=12, target=target,
-                        clip_ratios=ratios, channel_importance=imp)
+                        act_order=act_order, damp=0.01, method="gptaq", gptaq_update="exact", gptaq_alpha=1.0,
+                        block_size=12, target=target, clip_ratios=ratios, channel_importance=imp)
     ref = oracle(W, X_hat, X, g, bits=3, group_size=group_size, act_order=act_order, damp=0.01,
                  target=target, ratios=ratios, imp=imp)
     assert torch.allclose(r.dequant, ref, rtol=0, atol=1e-9)

@@ -264,6 +264,36 @@ def gradient_importance(block_fn: Callable[[torch.Tensor], torch.Tensor], module
 
 
 # ----------------------------------------------------------------------------- other sources
+def regularise(g: list[torch.Tensor], masks: list[torch.Tensor], power: float = 1.0,
+               floor: float = 0.0) -> list[torch.Tensor]:
+    """Regularised importance of one projection in one layer (beyond the paper): the weight each
+    token gets in H̃ is w = g'², with
+
+        g'² = (1 − β) · g^{2p} / mean(g^{2p}) + β        (the mean over the real tokens of all batches)
+
+    so ``power`` p = 1, ``floor`` β = 0 is the paper's G² up to a constant factor (which leaves the
+    solve unchanged), p = 0.5 gives H̃ = X G Xᵀ, and β = 1 the plain Hessian. ``g``, ``masks``:
+    per batch [B, T]; padding stays 0. Returns g' per batch."""
+    if not power >= 0 or not 0.0 <= floor <= 1.0:
+        raise ValueError(f"regularise: power={power!r} must be >= 0 and floor={floor!r} in [0, 1]")
+    w = [gb.double().clamp_min(0) ** (2 * power) * m for gb, m in zip(g, masks)]
+    n = sum(float(m.sum()) for m in masks)
+    mean = sum(float(wb.sum()) for wb in w) / max(n, 1.0)
+    out = []
+    for wb, gb, m in zip(w, g, masks):
+        scaled = wb / mean if mean > 0 else torch.ones_like(wb)
+        out.append((((1.0 - floor) * scaled + floor) * m).sqrt().to(gb.dtype))
+    return out
+
+
+def effective_sample_size(w: torch.Tensor) -> float:
+    """Kish's effective number of tokens of non-negative weights w (here w = g², the weight of a
+    token in H̃): (Σw)² / Σw². Equal weights give the token count; one dominant token gives ~1."""
+    w = w.double().flatten()
+    s2 = float((w * w).sum())
+    return float(w.sum()) ** 2 / s2 if s2 > 0 else 0.0
+
+
 def random_low_importance(modality_vision: torch.Tensor, li_ratio: float, down_weight: float,
                           generator: torch.Generator) -> torch.Tensor:
     """VLMQ-naive (paper Tables 1 and 5): a random ``li_ratio`` fraction of the vision tokens gets

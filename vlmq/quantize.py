@@ -15,11 +15,11 @@ earlier layer quantized). For one layer:
    attention projections, plain H for the MLP), then :func:`vlmq.solver.solve`;
 3. the caller propagates X̂ through the quantized layer and X through the FP layer.
 
-The other methods on the same loop: ``awq`` / ``mbq`` replace step 2 by a per-channel scale search
-folded into the op before each sub-block (:func:`scale_layer`, :mod:`vlmq.awq`; MBQ's modality
-sensitivities come from step 1's g) followed by RTN; ``vlm_ptq`` / ``vlmq+vlm_ptq`` run step 2 on
-GPTAQ / the precursor with VLM-PTQ's target and per-group clipping search weighted by the
-modality-aware channel importance (:mod:`vlmq.vlm_ptq`, docs/vlm_ptq.md).
+Every method runs this one loop as a small strategy (:mod:`vlmq.methods`): ``awq`` / ``mbq``
+fold a per-channel scale search into the op before each sub-block and then round (RTN; MBQ's
+modality sensitivities come from step 1's g); ``vlm_ptq`` / ``vlmq+vlm_ptq`` run step 2 on GPTAQ /
+the precursor with VLM-PTQ's target and per-group clipping search weighted by the modality-aware
+channel importance (:mod:`vlmq.vlm_ptq`, docs/vlm_ptq.md).
 
 Stages do the I/O (cache, Parquet, safetensors, resume); this module holds no file logic.
 """
@@ -37,6 +37,8 @@ from torch import nn
 from vlmq.hessian import HessianAccumulator
 from vlmq.importance import (ATTENTION_SOURCES, BREAKPOINTS, GRANULARITIES, PROJECTIONS, AttentionGeometry,
                              attention_importance, gradient_importance, random_low_importance, sft_targets)
+from vlmq.methods import REGISTRY, get_method
+from vlmq.methods.base import LayerJob
 from vlmq.solver import QuantResult, solve
 
 log = logging.getLogger(__name__)
@@ -48,11 +50,8 @@ SUBSETS = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
-METHODS = ("rtn", "gptq", "gptaq", "vlmq", "awq", "mbq", "vlm_ptq", "vlmq+vlm_ptq")
-IMPORTANCE_METHODS = ("vlmq", "mbq", "vlmq+vlm_ptq")   # methods that compute token importance g
-SCALE_METHODS = ("awq", "mbq")                          # per-channel scale search + fold, then RTN
-VLM_PTQ_METHODS = ("vlm_ptq", "vlmq+vlm_ptq")           # corrected target + modality-aware clipping
 IMPORTANCE_SOURCES = ("gradient", "constant", "random", "file") + ATTENTION_SOURCES
+FIRST_LAYER_RULES = ("rtn_fallback", "uniform")
 VISION = 1  # modality code of vision tokens (vlmq.models.labels.MODALITY_NAMES = ("text", "vision"))
 
 
@@ -83,10 +82,15 @@ class LayerQuantConfig:
     vlm_ptq_vision_weight: float = 1.0  # vlm_ptq: β, weight of the vision mean in the channel importance
     vlm_ptq_grid: int = 20              # vlm_ptq: clipping ratios searched per group (1 = no search)
     vlm_ptq_max_shrink: float = 0.5     # vlm_ptq: smallest ratio = 1 − max_shrink
+    gptaq_alpha: float = 0.25           # every GPTAQ solve: weight of the residual term (0 = GPTQ)
+    gptaq_update: str = "reference"     # reference (GPTAQ's code) | exact (derived full shift)
+    first_layer: str = "rtn_fallback"   # gradient, zero loss (layer 0): rtn_fallback | uniform (g = 1)
+    importance_power: float = 1.0       # p: G^p enters H̃ (1 = the paper)
+    importance_floor: float = 0.0       # β: g² ← (1 − β) g²/mean(g²) + β per projection and layer
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} must be one of {METHODS}")
+        if self.method not in REGISTRY:
+            raise ValueError(f"method={self.method!r} must be one of {tuple(REGISTRY)}")
         if self.precursor not in ("gptq", "gptaq"):
             raise ValueError(f"precursor={self.precursor!r} must be 'gptq' or 'gptaq'")
         if self.importance not in IMPORTANCE_SOURCES:
@@ -119,23 +123,32 @@ class LayerQuantConfig:
             raise ValueError(f"vlm_ptq_grid={self.vlm_ptq_grid!r} must be a positive integer")
         if not 0.0 <= self.vlm_ptq_max_shrink < 1.0:
             raise ValueError(f"vlm_ptq_max_shrink={self.vlm_ptq_max_shrink!r} must be in [0, 1)")
+        if self.gptaq_update not in ("reference", "exact"):
+            raise ValueError(f"gptaq_update={self.gptaq_update!r} must be 'reference' or 'exact'")
+        if not self.gptaq_alpha >= 0:
+            raise ValueError(f"gptaq_alpha={self.gptaq_alpha!r} must be >= 0")
+        if self.first_layer not in FIRST_LAYER_RULES:
+            raise ValueError(f"first_layer={self.first_layer!r} must be one of {FIRST_LAYER_RULES}")
+        if not self.importance_power >= 0:
+            raise ValueError(f"importance_power={self.importance_power!r} must be >= 0")
+        if not 0.0 <= self.importance_floor <= 1.0:
+            raise ValueError(f"importance_floor={self.importance_floor!r} must be in [0, 1]")
+
+    @property
+    def strategy(self):
+        """The method's strategy object (:mod:`vlmq.methods`)."""
+        return get_method(self.method)
 
     @property
     def solver_method(self) -> str:
         """The solver's method for this config: rtn, gptq or gptaq (VLMQ and VLMQ+VLM-PTQ run on
         their precursor, VLM-PTQ on GPTAQ, AWQ/MBQ on RTN after the scale fold)."""
-        if self.method in ("vlmq", "vlmq+vlm_ptq"):
-            return self.precursor
-        if self.method == "vlm_ptq":
-            return "gptaq"
-        if self.method in SCALE_METHODS:
-            return "rtn"
-        return self.method
+        return self.strategy.solver(self)
 
     @property
     def uses_importance(self) -> bool:
         """Whether the method computes token importance g (VLMQ, MBQ's sensitivities, VLMQ+VLM-PTQ)."""
-        return self.method in IMPORTANCE_METHODS
+        return self.strategy.uses_importance
 
 
 @dataclass
@@ -175,7 +188,7 @@ class LayerOutcome:
     info: dict = field(default_factory=dict)
 
 
-def _capture_inputs(modules: dict[str, nn.Module]):
+def capture_inputs(modules: dict[str, nn.Module]):
     store: dict[str, torch.Tensor] = {}
 
     def make(name):
@@ -211,8 +224,9 @@ def layer_importance(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: 
             net_loss = None
             if cfg.granularity == "network":
                 net_loss = _network_loss(adapter, layer, b, network)
+            fallback = (cfg.bits, cfg.group_size, cfg.sym) if cfg.first_layer == "rtn_fallback" else None
             res = gradient_importance(block_fn, mods, b.x_fp, b.x_hat, token_mask=mask, norm=cfg.norm,
-                                      fallback=(cfg.bits, cfg.group_size, cfg.sym), granularity=cfg.granularity,
+                                      fallback=fallback, granularity=cfg.granularity,
                                       breakpoint=cfg.breakpoint, network_loss=net_loss)
             g, err, loss, rule = res.g, res.err_norm, res.loss, res.rule
         elif cfg.importance in ATTENTION_SOURCES:
@@ -274,145 +288,71 @@ def quantize_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: La
     """Quantize ``layer`` in place (its linears get the dequantized weights) and return the solver
     results and the importance factors. ``batches`` are not modified; propagate afterwards with
     ``adapter.run_layer``. ``importance``: the result of :func:`layer_importance` for this layer
-    and these batches when the caller ran step 1 itself (else it is computed here)."""
+    and these batches when the caller ran step 1 itself (else it is computed here).
+
+    The loop is the same for every method; ``cfg.strategy`` (:mod:`vlmq.methods`) fills in what
+    differs: importance or not, the solver, the preparation of the layer, the token weights of
+    H̃, extra statistics and solver options."""
     step = on_step or (lambda msg: None)
+    method = cfg.strategy
     linears = adapter.linears(layer)
-    if cfg.uses_importance and importance is not None:
+    if method.uses_importance and importance is not None:
         outcome = importance
-    elif cfg.uses_importance:
+    elif method.uses_importance:
         with torch.enable_grad():
             outcome = layer_importance(adapter, layer, batches, cfg, generator=generator, file_g=file_g,
                                        network=network)
         step(f"{name}: importance ({cfg.importance}, rule {sorted(set(outcome.rules))})")
     else:
         outcome = LayerOutcome(results={})
-    if cfg.method in SCALE_METHODS:
-        sens = mbq_loss_weights(outcome, batches) if cfg.method == "mbq" else None
-        outcome.info["scales"], outcome.fp_params = scale_layer(adapter, layer, batches, cfg,
-                                                                loss_weights=sens, name=name)
-        step(f"{name}: {cfg.method} scales folded (alpha "
-             f"{[v.get('alpha') for v in outcome.info['scales'].values()]})")
-    solver_method = cfg.solver_method
+    job = LayerJob(adapter=adapter, layer=layer, batches=batches, cfg=cfg, outcome=outcome, name=name, step=step)
+    method.prepare(job)
+    solver_method = method.solver(cfg)
     kw = dict(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, act_order=cfg.act_order,
-              damp=cfg.damp, method=solver_method, block_size=cfg.block_size)
-    vlm_ptq = cfg.method in VLM_PTQ_METHODS
-    if vlm_ptq:
-        from vlmq.vlm_ptq import clip_ratios
-
-        kw.update(target=cfg.vlm_ptq_target, clip_ratios=clip_ratios(cfg.vlm_ptq_grid, cfg.vlm_ptq_max_shrink))
-    if solver_method == "rtn":
+              damp=cfg.damp, method=solver_method, block_size=cfg.block_size,
+              gptaq_alpha=cfg.gptaq_alpha, gptaq_update=cfg.gptaq_update)
+    if solver_method == "rtn":  # no statistics: every linear is rounded as it is
         for lname, lin in linears.items():
-            res = solve(lin.weight.data, None, name=f"{name}.{lname}", **kw)
-            adapter.set_weight(layer, lname, res.dequant)
-            outcome.results[lname] = res
+            _solve_linear(job, lname, lin.weight.data, None, kw)
         step(f"{name}: rtn")
         return outcome
 
+    residual = solver_method == "gptaq"  # the FP stream's inputs (X) enter D
     fp_layer = copy.deepcopy(layer)  # the FP stream's inputs of every linear come from the FP layer
     fp_linears = adapter.linears(fp_layer)
     for subset in SUBSETS:
-        accs = {ln: HessianAccumulator(linears[ln].in_features, residual=(solver_method == "gptaq"),
+        accs = {ln: HessianAccumulator(linears[ln].in_features, residual=residual,
                                        name=f"{name}.{ln}", device=linears[ln].weight.device)
                 for ln in subset}
-        if vlm_ptq:
-            from vlmq.vlm_ptq import ModalityChannelStats
-
-            chans = {ln: ModalityChannelStats(linears[ln].in_features, name=f"{name}.{ln}",
-                                              device=linears[ln].weight.device) for ln in subset}
+        method.start_subset(job, subset)
         for bi, b in enumerate(batches):
             mask = b.inputs.token_mask.to(b.x_hat.device)
-            x_in, h1 = _capture_inputs({ln: fp_linears[ln] for ln in subset})
-            xh_in, h2 = _capture_inputs({ln: linears[ln] for ln in subset})
+            x_in, h1 = capture_inputs({ln: fp_linears[ln] for ln in subset})
+            xh_in, h2 = capture_inputs({ln: linears[ln] for ln in subset})
             try:
-                if solver_method == "gptaq":
+                if residual:
                     adapter.run_layer(fp_layer, b.x_fp, b.inputs)
                 adapter.run_layer(layer, b.x_hat, b.inputs)
             finally:
                 for h in h1 + h2:
                     h.remove()
             for ln in subset:
-                short = ln.rsplit(".", 1)[1]
-                g = None
-                if cfg.method in ("vlmq", "vlmq+vlm_ptq") and short in cfg.enhance:
-                    g = outcome.g[short][bi].to(mask.device)[mask]
-                x = x_in[ln][mask] if solver_method == "gptaq" else None
-                accs[ln].add(xh_in[ln][mask], x, g)
-                if vlm_ptq:
-                    chans[ln].add(xh_in[ln][mask], b.modality.to(mask.device)[mask], g)
+                g = method.token_weights(job, ln, bi)
+                if g is not None:
+                    g = g.to(mask.device)[mask]
+                x_hat = xh_in[ln][mask]
+                accs[ln].add(x_hat, x_in[ln][mask] if residual else None, g)
+                method.observe(job, ln, x_hat, b.modality.to(mask.device)[mask], g)
         for ln in subset:
-            extra = {}
-            if vlm_ptq:
-                extra["channel_importance"] = chans[ln].importance(cfg.vlm_ptq_vision_weight)
-            res = solve(linears[ln].weight.data, accs[ln].finalize(), name=f"{name}.{ln}", **kw, **extra)
-            adapter.set_weight(layer, ln, res.dequant)
-            outcome.results[ln] = res
-            if vlm_ptq:
-                r = res.clip_ratio
-                outcome.info.setdefault("clip", {})[ln] = {"mean_ratio": float(r.mean()),
-                                                           "clipped_fraction": float((r < 1.0).double().mean())}
+            _solve_linear(job, ln, linears[ln].weight.data, accs[ln].finalize(), kw)
         step(f"{name}: solved {', '.join(s.rsplit('.', 1)[1] for s in subset)} ({solver_method})")
     del fp_layer
     return outcome
 
 
-# ----------------------------------------------------------------------------- AWQ / MBQ
-def mbq_loss_weights(outcome: LayerOutcome, batches: list[CalibBatch]) -> dict[str, dict[str, float]]:
-    """MBQ's modality sensitivities per linear: the mean g over the text and over the vision tokens
-    (:func:`vlmq.awq.modality_sensitivity`). q/k/v/o use their own g; the MLP linears use o_proj's,
-    the gradient of the block loss at the attention block's output (the MLP's input stream)."""
-    from vlmq.awq import modality_sensitivity
-
-    mods = [b.modality for b in batches]
-    masks = [b.inputs.token_mask for b in batches]
-    per_proj = {n: modality_sensitivity(outcome.g[n], mods, masks) for n in PROJECTIONS if outcome.g.get(n)}
-    fallback = per_proj.get("o_proj", {"text": 1.0, "vision": 1.0})
-    out = {}
-    for subset in SUBSETS:
-        for ln in subset:
-            out[ln] = per_proj.get(ln.rsplit(".", 1)[1], fallback)
-    return out
-
-
-@torch.no_grad()
-def scale_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: LayerQuantConfig, *,
-                loss_weights: dict[str, dict[str, float]] | None = None,
-                name: str = "layer") -> tuple[dict, dict[str, torch.Tensor]]:
-    """AWQ (``loss_weights`` None) / MBQ: for each input-sharing group in forward order, stream the
-    group's X̂ inputs through the (still FP) layer, search α (:func:`vlmq.awq.search_scales`) and
-    fold the scales into the op before the group (:meth:`ModelAdapter.fold_input_scales`). The
-    layer's FP function is unchanged; its linears then hold W diag(s) for RTN. Returns the search
-    record per group and the changed non-quantized parameters (name -> tensor)."""
-    from vlmq.awq import ScaleStatsAccumulator, search_scales
-
-    linears = adapter.linears(layer)
-    info, changed = {}, []
-    by_modality = loss_weights is not None
-    for subset in SUBSETS:
-        key = ",".join(ln.rsplit(".", 1)[1] for ln in subset)
-        op = adapter.scale_fold_op(layer, subset)
-        if op is None:
-            info[key] = {"alpha": None, "skipped": "no exact fold (grouped-query attention)"}
-            continue
-        first = linears[subset[0]]
-        acc = ScaleStatsAccumulator(first.in_features, by_modality=by_modality, name=f"{name}.{subset[0]}",
-                                    device=first.weight.device)
-        for b in batches:
-            mask = b.inputs.token_mask.to(b.x_hat.device)
-            xin, hs = _capture_inputs({subset[0]: first})
-            try:
-                adapter.run_layer(layer, b.x_hat, b.inputs)
-            finally:
-                for h in hs:
-                    h.remove()
-            acc.add(xin[subset[0]][mask], b.modality.to(mask.device)[mask] if by_modality else None)
-        res = search_scales({ln: linears[ln].weight.data for ln in subset}, acc.finalize(), bits=cfg.bits,
-                            group_size=cfg.group_size, sym=cfg.sym, n_grid=cfg.awq_grid,
-                            loss_weights=None if loss_weights is None else {ln: loss_weights[ln] for ln in subset})
-        changed += adapter.fold_input_scales(layer, subset, res.scales)
-        info[key] = {"alpha": res.alpha, "loss": res.loss, "loss_rtn": res.losses[0], "fold": op[0]}
-        if loss_weights is not None:
-            info[key]["sensitivity"] = {ln.rsplit(".", 1)[1]: loss_weights[ln] for ln in subset}
-    params = {}
-    for pname in dict.fromkeys(changed):
-        params[pname] = layer.get_parameter(pname).detach().cpu().clone()
-    return info, params
+def _solve_linear(job: LayerJob, linear: str, weight: torch.Tensor, stats, kw: dict) -> None:
+    """Solve one linear with the method's options, set its weight, record the result."""
+    res = solve(weight, stats, name=f"{job.name}.{linear}", **kw, **job.cfg.strategy.solve_options(job, linear))
+    job.adapter.set_weight(job.layer, linear, res.dequant)
+    job.outcome.results[linear] = res
+    job.cfg.strategy.finish_linear(job, linear, res)

@@ -18,16 +18,22 @@ of earlier layers' quantization, the (weighted, damped) asymmetric objective is
 whose normal equations give the unconstrained optimum W* = W + W D H_λ⁻¹ (H_λ = H + λI), and
 f(Ŵ) = tr((Ŵ − W*) H_λ (Ŵ − W*)ᵀ) + const. So the asymmetric problem is exactly the symmetric
 GPTQ problem with target W* instead of W: one column loop (optimal-brain-surgeon updates with the
-upper Cholesky factor of H_λ⁻¹, lazy block updates) serves all methods; GPTQ is D = 0 (W* = W).
-Each column is rounded at its conditional optimum given the columns already fixed, which is the
-greedy step of the GPTAQ paper's closed form (Eq. 8) without its reference code's ad-hoc 0.25
-scaling of the residual term.
+upper Cholesky factor U of H_λ⁻¹, lazy block updates) serves all methods; GPTQ is D = 0 (W* = W).
+
+GPTAQ has two residual updates (``gptaq_update``; docs/solver.md, "The two GPTAQ updates"):
+
+* ``"reference"`` (default, ``gptaq_alpha = 0.25``): the GPTAQ authors' code, which the VLMQ paper
+  builds on. The loop starts from W; after column i is rounded, every later column j also gets
+  ``w_i · P[i, j]`` with ``P = α · triu(D Uᵀ, 1) U`` (strictly upper triangular). α = 0 is GPTQ.
+* ``"exact"``: the loop on the target ``W* = W + α · W D H_λ⁻¹``; with α = 1 each column is
+  rounded at its conditional optimum given the columns already fixed (the greedy step of the
+  GPTAQ paper's closed form, Eq. 8), the update this solver used before.
 
 VLM-PTQ (docs/vlm_ptq.md) adds two options to the same loop: ``target`` ("corrected", the default
-and what the loop always did: each column is rounded at its conditional optimum, which includes
-its residual-induced shift; "uncorrected": rounded where the symmetric objective would put it, the
-ablation) and a per-group clipping search weighted by a channel importance (``clip_ratios``,
-``channel_importance``; :func:`vlmq.vlm_ptq.search_group_params`).
+and what the loop always did: each column is rounded at its current value, residual share included,
+which for the exact update with α = 1 is its conditional optimum; "uncorrected": rounded without
+the residual's share S, carried along, the ablation) and a per-group clipping search weighted by a
+channel importance (``clip_ratios``, ``channel_importance``; :func:`vlmq.vlm_ptq.search_group_params`).
 
 act_order permutes columns by descending diag(H) (stable sort) and forms groups over consecutive
 columns of that order (dynamic groups, ``static_groups`` off), recording ``g_idx``. The blocked
@@ -58,6 +64,7 @@ from vlmq.vlm_ptq import TARGETS, check_ratios, search_group_params
 log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq", "gptaq")
+GPTAQ_UPDATES = ("reference", "exact")
 MAX_DAMP_TRIES = 6  # damp, 10·damp, …, 10^5·damp
 
 
@@ -95,6 +102,13 @@ def _check_options(bits, group_size, method, damp, block_size):
         raise ValueError(f"damp={damp!r} must be a positive finite number")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size={block_size!r} must be a positive integer")
+
+
+def _check_gptaq(alpha, update):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"gptaq_alpha={alpha!r} must be a finite number >= 0")
+    if update not in GPTAQ_UPDATES:
+        raise ValueError(f"gptaq_update={update!r} must be one of {', '.join(GPTAQ_UPDATES)}")
 
 
 def _check_weight(weight, name):
@@ -154,6 +168,15 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float, name: str):
         f"{name}: Hessian is not positive definite even with damp={rel / 10:g} (inputs degenerate?)")
 
 
+def _residual_propagator(D: torch.Tensor, U: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GPTAQ reference code's P = α · triu(D Uᵀ, 1) · U ([in, in], strictly upper triangular).
+
+    In the reference update, once column i is rounded every later column j gets ``w_i · P[i, j]``
+    (w_i its value when it was rounded) on top of GPTQ's error step."""
+    T = (D @ U.T).triu_(1).mul_(alpha)
+    return T @ U
+
+
 def _check_vlm_ptq(target, channel_importance, clip_ratios, method, in_f, name):
     if target not in TARGETS:
         raise ValueError(f"{name}: target={target!r} must be one of {', '.join(TARGETS)}")
@@ -178,21 +201,30 @@ def _check_vlm_ptq(target, channel_importance, clip_ratios, method, in_f, name):
 def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, group_size: int = 128,
           sym: bool = False, act_order: bool = True, damp: float = 0.01, method: str = "gptq",
           block_size: int = 128, name: str = "weight", target: str = "corrected",
-          channel_importance: torch.Tensor | None = None, clip_ratios=None) -> QuantResult:
+          channel_importance: torch.Tensor | None = None, clip_ratios=None,
+          gptaq_alpha: float = 0.25, gptaq_update: str = "reference") -> QuantResult:
     """Quantize ``weight`` [out, in] given accumulated statistics (see module docstring).
 
     ``method="gptaq"`` uses ``stats.D`` (the residual cross term); ``"gptq"`` ignores it;
     ``"rtn"`` ignores ``stats`` entirely. The solve runs in float32 (float64 when ``weight`` is
     float64, which is how the tests compare it with the float64 oracle).
 
+    GPTAQ's residual update (``method="gptaq"`` only): ``gptaq_update="reference"`` (default) is
+    the GPTAQ reference code's, the residual pushed onto later columns through
+    ``P = α · triu(D Uᵀ, 1) U``; ``"exact"`` runs the loop on ``W* = W + α · W D H_λ⁻¹`` (α = 1:
+    the derived greedy update). ``gptaq_alpha`` = α ≥ 0 (default 0.25, the reference code's);
+    α = 0 is bit-for-bit GPTQ with either update.
+
     VLM-PTQ options (docs/vlm_ptq.md): ``target="corrected"`` (default) rounds every column at its
-    conditional optimum, residual shift included; ``"uncorrected"`` at the conditional optimum of
-    the symmetric objective (the shift removed; identical for GPTQ, where there is none), with the
-    error still compensated for the asymmetric objective. ``clip_ratios`` (ratios in (0, 1]): each
+    current value, residual share included (with ``"exact"``, α = 1: its conditional optimum);
+    ``"uncorrected"`` at the same value less the residual's share (identical for GPTQ, where there
+    is none), with the error still compensated for the asymmetric objective; with either update
+    that rounds GPTQ's values (docs/solver.md). ``clip_ratios`` (ratios in (0, 1]): each
     group's parameters come from the ratio with the least ``channel_importance``-weighted error
     (None = uniform importance) instead of the plain min/max range.
     """
     _check_options(bits, group_size, method, damp, block_size)
+    _check_gptaq(gptaq_alpha, gptaq_update)
     _check_weight(weight, name)
     _check_vlm_ptq(target, channel_importance, clip_ratios, method, weight.shape[1], name)
     if method == "rtn":
@@ -224,18 +256,27 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
 
     # Column-major work layout: row j of Wt is input column j (contiguous for the column loop).
     Wt = W.T.contiguous()
-    St = None  # residual shift W* − W, carried to each column's conditional value ("uncorrected")
-    if method == "gptaq":
+    St = None  # the residual's share of each column's current value, carried along ("uncorrected")
+    P = None  # the reference update's residual propagator
+    if method == "gptaq" and gptaq_alpha != 0:
         D = stats.D.to(device=dev, dtype=cdtype)
         if perm is not None:
             D = D[perm][:, perm]
-        # W* = W + W D H_λ⁻¹  →  W*ᵀ = Wᵀ + H_λ⁻¹ Dᵀ Wᵀ, with H_λ⁻¹ = Uᵀ U
-        shift = U.T @ (U @ (D.T @ Wt))
-        Wt += shift
-        if target == "uncorrected":
-            St = shift
-            St[dead] = 0.0
-        del shift
+        if gptaq_update == "exact":
+            if gptaq_alpha != 1:
+                D = D * gptaq_alpha
+            # W* = W + W D H_λ⁻¹  →  W*ᵀ = Wᵀ + H_λ⁻¹ Dᵀ Wᵀ, with H_λ⁻¹ = Uᵀ U
+            shift = U.T @ (U @ (D.T @ Wt))
+            Wt += shift
+            if target == "uncorrected":
+                St = shift
+                St[dead] = 0.0
+            del shift
+        else:
+            P = _residual_propagator(D, U, gptaq_alpha)
+            if target == "uncorrected":
+                St = torch.zeros_like(Wt)
+        del D
     Wt[dead] = 0.0
     imp = None
     if clip_ratios is not None:
@@ -257,8 +298,9 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
     s = z = None
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
-        W1 = Wt[i1:i2]  # view: updated in place
+        W1 = Wt[i1:i2]  # view: updated in place; row i is final once column i1 + i is rounded
         U1 = U[i1:i2, i1:i2]
+        P1 = None if P is None else P[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
         S1 = SErr1 = None
         if St is not None:
@@ -288,10 +330,33 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
                 W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
                 if S1 is not None:
                     S1[i + 1:].addr_(U1[i, i + 1:], SErr1[i], alpha=-1.0)
+            if P is not None:
+                # reference update: the later columns of the same block of `block_size` columns get
+                # the residual term of this column's value before rounding ...
+                hi = min((col // block_size + 1) * block_size, i2) - i1
+                if i + 1 < hi:
+                    W1[i + 1:hi].addr_(P1[i, i + 1:hi], w)
+                    if S1 is not None:
+                        S1[i + 1:hi].addr_(P1[i, i + 1:hi], w)
+                # ... and at the end of that block every column after it gets the block's term of the
+                # rounded values (the reference code's lazy update reads the block after rounding)
+                if (col + 1) % block_size == 0 and col + 1 < in_f:
+                    rs = col + 1 - block_size
+                    Wt[col + 1:].addmm_(P[rs:col + 1, col + 1:].T, DQt[rs:col + 1])
+                    if St is not None:
+                        St[col + 1:].addmm_(P[rs:col + 1, col + 1:].T, DQt[rs:col + 1])
         if i2 < in_f:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
             if St is not None:
                 St[i2:].addmm_(U[i1:i2, i2:].T, SErr1, alpha=-1.0)
+            re = min(((i2 - 1) // block_size + 1) * block_size, in_f)
+            if P is not None and re > i2:
+                # a block of `block_size` columns that runs past this lazy block: its later columns
+                # get the residual term of this lazy block's values before rounding
+                rs = max(i1, re - block_size)
+                Wt[i2:re].addmm_(P[rs:i2, i2:re].T, W1[rs - i1:])
+                if St is not None:
+                    St[i2:re].addmm_(P[rs:i2, i2:re].T, W1[rs - i1:])
 
     int_weight = Qt.T
     dequant = DQt.T
@@ -316,16 +381,18 @@ def quantize_weight(weight: torch.Tensor, inputs: torch.Tensor | None, *, fp_inp
                     sym: bool = False, act_order: bool = True, damp: float = 0.01, method: str = "gptq",
                     block_size: int = 128, chunk_tokens: int = 8192, name: str = "weight",
                     target: str = "corrected", channel_importance: torch.Tensor | None = None,
-                    clip_ratios=None) -> QuantResult:
+                    clip_ratios=None, gptaq_alpha: float = 0.25, gptaq_update: str = "reference") -> QuantResult:
     """Quantize ``weight`` [out, in] from calibration inputs.
 
     ``inputs`` [tokens, in]: inputs of the layer on the quantized path (X̂); ``fp_inputs``
     [tokens, in]: full-precision inputs X (required for ``method="gptaq"``); ``token_weights``
     [tokens]: importance g per token (VLMQ; None = uniform). Statistics are accumulated in chunks
     of ``chunk_tokens`` tokens (:class:`vlmq.hessian.HessianAccumulator`), then :func:`solve`
-    (``target``, ``channel_importance``, ``clip_ratios``: the VLM-PTQ options of :func:`solve`).
+    (``target``, ``channel_importance``, ``clip_ratios``: the VLM-PTQ options of :func:`solve`;
+    ``gptaq_alpha``, ``gptaq_update``: GPTAQ's residual update, see :func:`solve`).
     """
     _check_options(bits, group_size, method, damp, block_size)
+    _check_gptaq(gptaq_alpha, gptaq_update)
     _check_weight(weight, name)
     _check_vlm_ptq(target, channel_importance, clip_ratios, method, weight.shape[1], name)
     if method == "rtn":
@@ -354,4 +421,5 @@ def quantize_weight(weight: torch.Tensor, inputs: torch.Tensor | None, *, fp_inp
         acc.add(x_hat[a:b], None if x is None or method != "gptaq" else x[a:b], None if g is None else g[a:b])
     return solve(weight, acc.finalize(), bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                  damp=damp, method=method, block_size=block_size, name=name, target=target,
-                 channel_importance=channel_importance, clip_ratios=clip_ratios)
+                 channel_importance=channel_importance, clip_ratios=clip_ratios,
+                 gptaq_alpha=gptaq_alpha, gptaq_update=gptaq_update)

@@ -3,10 +3,12 @@
 1. Corrected quantization target. Under the asymmetric (GPTAQ) objective the value a column should
    be rounded from is not the current weight but the weight shifted by the residual term,
    ``w_q + r X̃ᵀ H⁻¹ e_q`` (the output residual times the column of the inverse Hessian). In this
-   project's solver that shift is the column of the target ``W* = W + W D H_λ⁻¹`` (docs/solver.md),
-   so the corrected target is the solver's default (``solve(..., target="corrected")``);
-   ``target="uncorrected"`` rounds each column where the symmetric objective would put it (the
-   residual shift removed), the ablation. Derivation and what it means: docs/vlm_ptq.md.
+   project's solver that shift is the column of the target ``W* = W + W D H_λ⁻¹`` of the ``exact``
+   GPTAQ update with α = 1 (docs/solver.md), so the corrected target is what that update rounds
+   (``solve(..., target="corrected")``, the default; with the default ``reference`` update the
+   column is rounded at its current value, which lacks its own share); ``target="uncorrected"``
+   rounds each column where the symmetric objective would put it (the residual shift removed: the
+   GPTQ values), the ablation. Derivation and what it means: docs/vlm_ptq.md.
 
 2. Modality-aware quantization parameters. Each input channel c gets an importance from the
    energy of its activations per modality, averaged over the two modalities with fixed weights

@@ -15,6 +15,8 @@ Splits (Parquet written by HF ``datasets`` with an ``Image`` feature):
 * ``calib`` - one row per image: instruction ("Describe the image.") and a short caption answer,
   like the COCO-caption calibration set of the paper; ``skill`` = ``caption``.
 * ``eval``  - one row per question, skills balanced; scenes disjoint from train and calib.
+* ``val``   - like ``eval`` (its own seed stream), scenes disjoint from train, calib and eval: the
+  split on which settings are chosen, so that ``eval`` is read once, for the chosen setting.
 
 Every row also carries ``scene`` (JSON of what was drawn), the ground truth of its answers.
 Everything is a pure function of the seed: the same seed writes byte-identical files.
@@ -331,9 +333,11 @@ def make_calib_rows(n_images: int, seed: int, spec: SceneSpec) -> dict[str, list
     return rows
 
 
-def make_eval_rows(per_skill: int, seed: int, spec: SceneSpec, exclude: set[str]) -> dict[str, list]:
-    """``per_skill`` questions of every skill, each on its own fresh scene not in ``exclude``."""
-    rng = split_rng(seed, "eval")
+def make_eval_rows(per_skill: int, seed: int, spec: SceneSpec, exclude: set[str],
+                   split: str = "eval") -> dict[str, list]:
+    """``per_skill`` questions of every skill, each on its own fresh scene not in ``exclude``
+    (``split``: the seed stream and the image id prefix, ``eval`` or ``val``)."""
+    rng = split_rng(seed, split)
     rows: dict[str, list] = {"image_id": [], "image": [], "question": [], "answer": [], "skill": [], "scene": []}
     for i in range(per_skill * len(SKILLS)):
         skill = SKILLS[i % len(SKILLS)]
@@ -344,7 +348,7 @@ def make_eval_rows(per_skill: int, seed: int, spec: SceneSpec, exclude: set[str]
             qa = QUESTION_MAKERS[skill](scene, rng, spec)
             if qa is not None:
                 break
-        rows["image_id"].append(f"eval-{i:06d}")
+        rows["image_id"].append(f"{split}-{i:06d}")
         rows["image"].append({"bytes": png_bytes(render(scene, spec.cell)), "path": None})
         rows["question"].append(qa[0])
         rows["answer"].append(qa[1])
@@ -376,18 +380,23 @@ def write_split(rows: dict[str, list], path: str | Path) -> Path:
 
 
 def build_splits(out_dir: str | Path, seed: int, n_train: int, n_calib: int, eval_per_skill: int,
-                 spec: SceneSpec) -> dict[str, Path]:
-    """Generate and write ``train``, ``calib`` and ``eval`` Parquet files under ``out_dir``."""
+                 spec: SceneSpec, val_per_skill: int = 0) -> dict[str, Path]:
+    """Generate and write ``train``, ``calib``, ``eval`` (and, with ``val_per_skill``, ``val``)
+    Parquet files under ``out_dir``. Adding ``val`` leaves the other splits byte-identical."""
     out_dir = Path(out_dir)
     train = make_train_rows(n_train, seed, spec)
     calib = make_calib_rows(n_calib, seed, spec)
     seen = {scene_key(Scene.from_dict(json.loads(s))) for s in train["scene"] + calib["scene"]}
     evl = make_eval_rows(eval_per_skill, seed, spec, seen)
-    return {
+    out = {
         "train": write_split(train, out_dir / "train.parquet"),
         "calib": write_split(calib, out_dir / "calib.parquet"),
         "eval": write_split(evl, out_dir / "eval.parquet"),
     }
+    if val_per_skill:
+        seen |= {scene_key(Scene.from_dict(json.loads(s))) for s in evl["scene"]}
+        out["val"] = write_split(make_eval_rows(val_per_skill, seed, spec, seen, split="val"), out_dir / "val.parquet")
+    return out
 
 
 def load_split(path: str | Path):

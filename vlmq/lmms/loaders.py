@@ -4,7 +4,7 @@ Built in:
 
 * ``fp`` - the full-precision model directory (:func:`vlmq.models.load_model`);
 * ``fake_quant`` - the FP model with the solved (dequantized) weights of a finished quantize
-  run (:func:`stages.quantize.load_fake_quantized_model`, state directory ``quant_state``).
+  run (:func:`vlmq.state.load_fake_quantized_model`, state directory ``quant_state``).
 
 ``auto`` picks ``fake_quant`` when ``quant_state`` is given, else ``fp``. A loader for another
 format (e.g. packed low-bit checkpoints) plugs in with :func:`register_loader`::
@@ -65,9 +65,9 @@ def load_fp(pretrained: str, *, dtype: torch.dtype, device: str, **_: Any) -> Lo
 @register_loader("fake_quant")
 def load_fake_quant(pretrained: str, *, dtype: torch.dtype, device: str, quant_state: str | None = None,
                     **_: Any) -> LoadedModel:
-    from stages.quantize import STATE, load_fake_quantized_model
+    from vlmq.state import STATE_DIR, load_fake_quantized_model
 
-    state = quant_state or str(STATE)
+    state = quant_state or str(STATE_DIR)
     model, processor, adapter, summary = load_fake_quantized_model(pretrained, state, dtype=dtype)
     model.to(device)
     info = {"loader": "fake_quant", "pretrained": str(pretrained), "quant_state": str(state),
