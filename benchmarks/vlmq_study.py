@@ -35,7 +35,8 @@ OUT = Path("reports/vlmq_study")
 N_LIST = (64, 128, 256, 512)
 SETTINGS = {"w3g128": (3, 128), "w2g128": (2, 128)}
 # the regularised / first-layer variants of the grid (importance knobs), on top of the paper's VLMQ
-GRID = ({"power": 0.5}, {"floor": 0.5}, {"power": 0.5, "floor": 0.5}, {"first_layer": "uniform"})
+GRID = ({"power": 0.5}, {"power": 0.25}, {"floor": 0.5}, {"floor": 0.9}, {"power": 0.5, "floor": 0.5},
+        {"first_layer": "uniform"})
 SPLITS = {"val": "data/demo/val.parquet", "eval": "data/demo/eval.parquet"}
 SEGMENTS = ("system", "image", "vision_end", "instruction", "answer")
 
@@ -48,13 +49,13 @@ def base_params(params_path: str | None) -> dict:
 
 
 def branch_cfg(base: dict, method: str, setting: str, n: int, gptaq: dict | None = None,
-               importance: dict | None = None) -> dict:
+               importance: dict | None = None, precursor: str | None = None) -> dict:
     bits, gs = SETTINGS[setting]
     cfg = copy.deepcopy(base)
     cfg["calib"]["n_samples"] = n
     q = cfg["quant"]
     q.update(method=method, bits=bits, group_size=gs)
-    q["precursor"] = "gptq" if bits <= 2 else "gptaq"  # the paper's precursor per bit width (App. E)
+    q["precursor"] = precursor or ("gptq" if bits <= 2 else "gptaq")  # the paper's per bit width (App. E)
     q["gptaq"] = {"alpha": 0.25, "update": "reference", **(gptaq or {})}
     cfg["importance"] = {**cfg["importance"], "source": "gradient", "power": 1.0, "floor": 0.0,
                          "first_layer": "rtn_fallback", **(importance or {})}
@@ -77,11 +78,17 @@ def curve_branches(base: dict) -> list[dict]:
 
 
 def grid_branches(base: dict, n: int) -> list[dict]:
+    """At n: GPTAQ's exact update (for comparison), and VLMQ with each knob set of GRID on the
+    paper's precursor; at 2 bits also VLMQ on the GPTAQ (reference) precursor, plain and with GRID."""
     out = []
-    for setting in SETTINGS:
+    for setting, (bits, _) in SETTINGS.items():
         out.append(branch_cfg(base, "gptaq", setting, n, gptaq={"alpha": 1.0, "update": "exact"}))
-        for knobs in GRID:
-            out.append(branch_cfg(base, "vlmq", setting, n, importance=knobs))
+        precursors = ("gptq", "gptaq") if bits <= 2 else ("gptaq",)
+        for precursor in precursors:
+            if precursor == "gptaq" and bits <= 2:
+                out.append(branch_cfg(base, "vlmq", setting, n, precursor=precursor))
+            for knobs in GRID:
+                out.append(branch_cfg(base, "vlmq", setting, n, importance=knobs, precursor=precursor))
     return out
 
 
@@ -281,9 +288,11 @@ def plot(df, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    paper_precursor = df["bits"].map(lambda b: "gptq" if b <= 2 else "gptaq")
     curve = df[(df["split"] == "val") & ((df["method"] != "vlmq") | ((df["importance_power"] == 1.0)
                                                                      & (df["importance_floor"] == 0.0)
-                                                                     & (df["first_layer"] == "rtn_fallback")))]
+                                                                     & (df["first_layer"] == "rtn_fallback")
+                                                                     & (df["precursor"] == paper_precursor)))]
     curve = curve[(curve["gptaq_update"] == "reference") | (curve["method"] == "gptq")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, bits in zip(axes[:2], (3, 2)):

@@ -280,6 +280,7 @@ class QuantizeRun:
         summary = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "sym": q.sym,
                    "act_order": q.act_order,
                    "precursor": self.cfg.solver_method if self.cfg.solver_method in ("gptq", "gptaq") else None,
+                   "gptaq": q.gptaq.model_dump() if self.cfg.solver_method == "gptaq" else None,
                    "importance": importance_label(self.params.importance) if self.cfg.uses_importance else None,
                    "quantize_seconds": sum(r["seconds"] for r in per_layer),
                    "wall_seconds_this_run": total_seconds, "peak_rss_mb": peak_rss_mb(),
