@@ -11,6 +11,7 @@ failure. ``python -m stages.<stage>`` runs the same function without Prefect.
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import import_module
 
@@ -31,7 +32,10 @@ def main(argv: list[str] | None = None):
     def body(_argv):
         known, _ = stage_parser(None).parse_known_args(rest)
         load_params(known.params)  # validate before any flow starts
-        from pipeline.flows import run_stage
+        if os.environ.get("VLMQ_NO_PREFECT", "0") == "1":  # plain, without importing Prefect at all
+            from stages.common import call as run_stage
+        else:
+            from pipeline.flows import run_stage
 
         return import_module(f"stages.{stage}").main(rest, runner=run_stage)
 
