@@ -137,8 +137,9 @@ def method_tables(params) -> tuple[list[str], dict[str, str]]:
     names = {}
     for cfg in expand_grid(params):
         q = cfg["quant"]
-        if cfg["importance"]["source"] == params.sweep.importance[0]:
-            names[(q["method"], q["bits"], q["group_size"])] = run_name(parse_params(cfg))
+        if cfg["importance"]["source"] == params.sweep.importance[0]:  # the grid's own run (the paper's
+            # setting) comes first; sweep.extra_branches of the same method and bits do not replace it
+            names.setdefault((q["method"], q["bits"], q["group_size"]), run_name(parse_params(cfg)))
     md, summary = [], {}
     for table, (bits, gs) in METHOD_TABLES.items():
         want = ["vlmq", *BASELINES]
