@@ -7,7 +7,8 @@ writes, streaming layer by layer (only one layer's activations are in memory at 
   rotary cos/sin, position ids, token mask, input ids; ``b{k}.<field>``) and the per-token labels
   (``b{k}.segment``, ``b{k}.modality``, ``b{k}.sample_id``);
 * ``data/cache/layer_{l:03d}.safetensors`` — X of layer l, one tensor ``b{k}`` [B, T, D] per
-  batch, in ``cache.dtype`` (memory-mapped on read);
+  batch, in ``cache.dtype`` (memory-mapped on read); with ``cache.layers: first`` only layer 0,
+  in ``model.dtype`` (the quantize loop rounds it to ``cache.dtype`` and carries the FP stream);
 * ``data/cache/summary.json`` — sizes, token counts, dtype.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from stages.common import call, dir_size_mb, get_logger, run_cli, save_safetensors, stage_parser, stage_timer, write_json
+from stages.common import call, dir_size_mb, get_logger, model_path, run_cli, save_safetensors, stage_parser, stage_timer, write_json
 from stages.params import Params, load_params
 
 CALIB = Path("data/calib/calib.parquet")
@@ -92,14 +93,14 @@ def cache_fp(params_path: str | Path | None = None, calib_path: str | Path = CAL
     params: Params = load_params(params_path)
     log = get_logger("cache_fp")
     out_dir = Path(out_dir)
+    path = model_path(params)  # before any other work: a bad model.path is the likelier mistake
     with stage_timer(log, "cache_fp") as info:
         if not Path(calib_path).is_file():
             raise FileNotFoundError(f"cache_fp: {calib_path} is missing (run the prepare_calib stage)")
         df = pd.read_parquet(calib_path)
-        model, processor, adapter = load_model(params.model.path, dtype=DTYPES[params.model.dtype])
+        model, processor, adapter = load_model(path, dtype=DTYPES[params.model.dtype])
         model.eval()
         info["read"] += [calib_path, params.model.path]
-        store = DTYPES[params.cache.dtype]
         device = torch.device(params.model.device)
         context, x = {}, []
         with torch.no_grad():
@@ -118,11 +119,14 @@ def cache_fp(params_path: str | Path | None = None, calib_path: str | Path = CAL
         save_safetensors(context, out_dir / "context.safetensors", metadata={"format": "vlmq.cache.context.v1"})
         ctx = load_context(out_dir)
         layers = adapter.decoder_layers(model)
+        first_only = params.cache.layers == "first"
         for li_idx in tqdm(range(len(layers)), desc="cache_fp layers", unit="layer"):
-            save_safetensors({f"b{b:04d}": t.to(store) for b, t in enumerate(x)},
+            # `first`: layer 0 in the model's dtype, the quantize loop rounds and propagates it itself
+            dtype = params.model.dtype if first_only else params.cache.dtype
+            save_safetensors({f"b{b:04d}": t.to(DTYPES[dtype]) for b, t in enumerate(x)},
                              out_dir / f"layer_{li_idx:03d}.safetensors",
-                             metadata={"format": "vlmq.cache.layer.v1", "layer": str(li_idx), "dtype": params.cache.dtype})
-            if li_idx + 1 == len(layers):
+                             metadata={"format": "vlmq.cache.layer.v1", "layer": str(li_idx), "dtype": dtype})
+            if li_idx + 1 == len(layers) or first_only:
                 break
             layer = layers[li_idx].to(device)
             with torch.no_grad():
@@ -130,6 +134,8 @@ def cache_fp(params_path: str | Path | None = None, calib_path: str | Path = CAL
             layers[li_idx].to("cpu")
         summary = {
             "n_layers": len(layers),
+            "layers": params.cache.layers,
+            "stored_layers": [0] if first_only else list(range(len(layers))),
             "n_batches": len(ctx),
             "n_samples": int(len(df)),
             "n_tokens": int(sum(int(c.token_mask.sum()) for c, _ in ctx)),

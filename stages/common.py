@@ -126,6 +126,26 @@ def dir_size_mb(path: str | Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
 
 
+# ----------------------------------------------------------------------------- model directory
+def model_path(params, processor: bool = False) -> str:
+    """``model.path`` after checking, before any model work, that it is a loadable local model
+    directory (``config.json`` of a supported architecture, safetensors weights; with
+    ``processor``, the tokenizer / image-processor files too). Nothing is ever downloaded, so a
+    bad path is a one-line error naming ``model.path`` and the path, not a hub lookup."""
+    from vlmq.models import ModelLoadError, check_model_dir
+    from vlmq.models.loading import PROCESSOR_FILES
+
+    path = Path(params.model.path)
+    hint = "(a local Hugging Face model directory: config.json + *.safetensors; nothing is downloaded)"
+    try:
+        check_model_dir(path)
+    except ModelLoadError as err:
+        raise ValueError(f"model.path: {path}: {'; '.join(err.problems)} {hint}") from err
+    if processor and not any((path / f).is_file() for f in PROCESSOR_FILES):
+        raise ValueError(f"model.path: {path}: no processor files (one of {', '.join(PROCESSOR_FILES)}) {hint}")
+    return str(path)
+
+
 # ----------------------------------------------------------------------------- command line
 USER_ERRORS = (ValueError, OSError)  # bad params/config values (ParamsError is a ValueError), missing or bad files
 

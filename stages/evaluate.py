@@ -9,6 +9,7 @@ e.g. ``vlmq-w3g128``), atomically:
 
 * ``reports/eval/<run>/lmms_eval_results.json`` - lmms-eval's results (without samples);
 * ``reports/eval/<run>/samples_<task>.jsonl`` - lmms-eval's logged samples;
+* ``reports/eval/<run>/lmms_eval_files/`` - files tasks write while aggregating (if any);
 * ``reports/eval/<run>/per_question.parquet`` - one row per question (schema in
   docs/evaluation.md);
 * ``reports/eval/<run>/result.json`` - accuracy (mean over tasks), per task, per skill,
@@ -18,8 +19,12 @@ e.g. ``vlmq-w3g128``), atomically:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
+import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,12 +118,18 @@ def _jsonable(obj):
     return clean(json.loads(json.dumps(obj, default=handle_non_serializable)))
 
 
-def run_lmms_eval(lm, specs: list, params: Params, task_manager) -> dict:
+def run_lmms_eval(lm, specs: list, params: Params, task_manager, side_dir: str | Path | None = None) -> dict:
+    """lmms-eval's ``simple_evaluate``. Files some tasks write while aggregating (OCRBench's score
+    breakdown, TextVQA's submission file) go under ``side_dir`` (lmms-eval's ``output_path``;
+    without one they would land in the working directory)."""
+    from types import SimpleNamespace
+
     from lmms_eval.evaluator import simple_evaluate
 
     cfg = params.eval
+    cli_args = None if side_dir is None else SimpleNamespace(output_path=str(side_dir), process_with_media=True)
     return simple_evaluate(
-        model=lm, tasks=copy.deepcopy(specs), task_manager=task_manager, limit=cfg.limit,
+        model=lm, tasks=copy.deepcopy(specs), task_manager=task_manager, limit=cfg.limit, cli_args=cli_args,
         batch_size=cfg.batch_size, log_samples=True, bootstrap_iters=0, verbosity="WARNING",
         gen_kwargs=f"max_new_tokens={cfg.max_new_tokens}" if cfg.max_new_tokens else None,
         random_seed=params.seed, numpy_random_seed=params.seed, torch_random_seed=params.seed,
@@ -137,7 +148,12 @@ def _evaluate_loaded(run: str, loaded, specs: list, params: Params, task_manager
     t0 = time.perf_counter()
     lm = VLMQModel(loaded=loaded, batch_size=cfg.batch_size, name=run)
     log.info("evaluate[%s]: lmms-eval on %s", run, ", ".join(params.eval.task_list()))
-    results = run_lmms_eval(lm, specs, params, task_manager)
+    side = Path(tempfile.mkdtemp(prefix=f"vlmq-{run}-lmms-"))
+    try:
+        results = run_lmms_eval(lm, specs, params, task_manager, side_dir=side)
+        side_files = {p.relative_to(side): p.read_bytes() for p in sorted(side.rglob("*")) if p.is_file()}
+    finally:
+        shutil.rmtree(side, ignore_errors=True)
     if results is None or not results.get("results"):
         raise RuntimeError(f"evaluate[{run}]: lmms-eval returned no results")
     samples = results.pop("samples", {}) or {}
@@ -179,7 +195,10 @@ def _evaluate_loaded(run: str, loaded, specs: list, params: Params, task_manager
         for task, task_samples in samples.items():
             with open(tmp / f"samples_{task}.jsonl", "w") as f:
                 for s in _jsonable(task_samples):
-                    f.write(json.dumps(s) + "\n")
+                    f.write(json.dumps(_trim_doc(s)) + "\n")
+        for rel, data in side_files.items():  # lmms-eval's own side files (submissions, breakdowns)
+            (tmp / "lmms_eval_files" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / "lmms_eval_files" / rel).write_bytes(data)
         write_parquet(per_q, tmp / "per_question.parquet")
         write_json(tmp / "result.json", _jsonable(result))
     log.info("evaluate[%s]: accuracy %s, per task %s, answer NLL %s, KL to FP %s (n=%d, %.1f s)", run,
@@ -188,22 +207,60 @@ def _evaluate_loaded(run: str, loaded, specs: list, params: Params, task_manager
     return result, logprobs
 
 
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]{256,}")
+
+
+def _trim_doc(sample: dict) -> dict:
+    """A logged sample with base64 data in its document elided: lmms-eval drops ``Image`` columns
+    from logged documents, but MME-RealWorld keeps its images as base64 text (``bytes``),
+    megabytes per question."""
+    doc = sample.get("doc")
+    if isinstance(doc, dict):
+        sample["doc"] = {k: (f"<base64, {len(v)} characters omitted>" if isinstance(v, str) and _BASE64.fullmatch(v)
+                             else v) for k, v in doc.items()}
+    return sample
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def _setup(params: Params, dataset_cache: str | None):
-    """(task specs, demo rows or None, task manager), after checking the task names."""
+@functools.lru_cache(maxsize=None)
+def _task_manager():
+    """lmms-eval's task index (built-ins + ``vlmq/lmms/tasks``): ~9 s to build, so once per process."""
     from lmms_eval.tasks import TaskManager
 
-    from vlmq.lmms import TASKS_DIR, quiet_logs
+    from vlmq.lmms import TASKS_DIR
+
+    return TaskManager("WARNING", include_path=str(TASKS_DIR))
+
+
+def check_task_datasets(tasks: list[str], task_manager) -> None:
+    """Fail before any model work when a task's Hugging Face dataset is not in the offline cache
+    lmms-eval reads (one line naming each such task and its dataset id, config and split)."""
+    from vlmq.lmms import hf_cache
+
+    refs = hf_cache.task_datasets(task_manager, [t for t in tasks if t != DEMO_TASK])
+    if not refs:
+        return
+    cache = hf_cache.datasets_cache_dir()
+    absent = hf_cache.missing(refs, cache)
+    if absent:
+        raise FileNotFoundError(hf_cache.missing_message(absent, cache))
+
+
+def _setup(params: Params, dataset_cache: str | None):
+    """(task specs, demo rows or None, task manager), after checking the task names and that every
+    task's data is at hand (before any model is loaded)."""
+    from vlmq.lmms import quiet_logs
 
     quiet_logs()
     tasks = params.eval.task_list()
-    task_manager = TaskManager("WARNING", include_path=str(TASKS_DIR))
+    task_manager = _task_manager()
     missing = [t for t in tasks if t not in task_manager.all_tasks]
     if missing:
         raise ValueError(f"eval.tasks: unknown lmms-eval task(s) {missing}")
+    check_task_datasets(tasks, task_manager)
     rows = demo_rows(params) if DEMO_TASK in tasks else None
     return task_specs(params, dataset_cache), rows, task_manager
 
@@ -235,6 +292,18 @@ def evaluate_run(params: Params, state_dir: str | Path = STATE, run: str | None 
     return result
 
 
+def evaluate_fp(params: Params, out_dir: str | Path = OUT_DIR, dataset_cache: str | None = None):
+    """Evaluate the FP model into ``out_dir/fp/``; returns its answer log-probs (the KL reference
+    of every quantized run; None without the demo task). Used by the sweep flow."""
+    from vlmq.lmms.loaders import load
+
+    specs, rows, task_manager = _setup(params, dataset_cache)
+    loaded = load(params.model.path, loader="fp", dtype=params.model.dtype, device=params.model.device)
+    _, logprobs = _evaluate_loaded("fp", loaded, specs, params, task_manager, rows, None, Path(out_dir),
+                                   get_logger("evaluate"))
+    return logprobs
+
+
 def evaluate(params_path: str | Path | None = None, out_dir: str | Path = OUT_DIR,
              runs: tuple[str, ...] = ("fp", "quant"), state_dir: str | Path = STATE,
              dataset_cache: str | None = None) -> dict:
@@ -249,13 +318,13 @@ def evaluate(params_path: str | Path | None = None, out_dir: str | Path = OUT_DI
     unknown = set(runs) - {"fp", "quant"}
     if unknown or not runs:
         raise ValueError(f"runs must be 'fp' and/or 'quant', got {list(runs)}")
+    plan = []  # inputs are checked (tasks, their data, the quantize state) before the stage starts
+    if "fp" in runs:
+        plan.append(("fp", {"loader": "fp"}))
+    if "quant" in runs:
+        plan.append((quant_run(params, state_dir), {"loader": "fake_quant", "quant_state": str(state_dir)}))
+    specs, rows, task_manager = _setup(params, dataset_cache)
     with stage_timer(log, "evaluate") as info:
-        plan = []
-        if "fp" in runs:
-            plan.append(("fp", {"loader": "fp"}))
-        if "quant" in runs:
-            plan.append((quant_run(params, state_dir), {"loader": "fake_quant", "quant_state": str(state_dir)}))
-        specs, rows, task_manager = _setup(params, dataset_cache)
         info["read"] += [params.model.path] + ([cfg.demo_eval] if rows is not None else [])
         fp_logprobs = None
         if "fp" not in runs and rows is not None:  # KL needs the FP distributions

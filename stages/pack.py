@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import call, get_logger, run_cli, stage_parser, stage_timer, write_json
+from stages.common import call, get_logger, model_path, run_cli, stage_parser, stage_timer, write_json
 from stages.params import load_params, run_name
 from vlmq.state import STATE_DIR, apply_fp_tensors, read_summary, solved_file
 
@@ -30,7 +30,7 @@ def pack(params_path: str | Path | None = None, state_dir: str | Path = STATE_DI
     params = load_params(params_path)
     summary = read_summary(state_dir)
     with stage_timer(log, "pack"):
-        model, processor, adapter = load_model(params.model.path)
+        model, processor, adapter = load_model(model_path(params))
         solved = []
         for l in range(len(adapter.decoder_layers(model))):
             f = solved_file(state_dir, l)

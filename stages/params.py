@@ -48,9 +48,14 @@ class CalibParams(_Strict):
 
 
 class CacheParams(_Strict):
-    """FP activation cache (``data/cache``): dtype of X on disk."""
+    """FP activation cache (``data/cache``): dtype of X on disk, and which layers' inputs it holds.
+
+    ``all``: X of every decoder layer (a sweep reuses it across branches). ``first``: X of layer 0
+    only, in the model's dtype; the quantize loop then carries the FP stream itself through an
+    untouched FP copy of each layer (disk: one layer instead of all; results bit-identical)."""
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+    layers: Literal["all", "first"] = "all"
 
 
 class ImportanceParams(_Strict):
@@ -282,6 +287,7 @@ class SweepParams(_Strict):
                                           # {quant: {method: vlmq, bits: 3}, importance: {power: 0.5}}
     engine: Literal["threads", "dask"] = "threads"
     workers: int = Field(1, ge=1)
+    torch_threads: int = Field(1, ge=1)   # torch threads per branch; the W2 results depend on it (README)
     dask_address: str | None = None       # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786
 
     @field_validator("group_sizes")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from stages.common import call, get_logger, run_cli, stage_parser, stage_timer, write_json, write_parquet
+from stages.common import call, get_logger, model_path, run_cli, stage_parser, stage_timer, write_json, write_parquet
 from stages.params import CalibParams, load_params
 
 OUT_DIR = Path("data/calib")
@@ -80,7 +80,7 @@ def prepare_calib(params_path: str | Path | None = None, out_dir: str | Path = O
     log = get_logger("prepare_calib")
     with stage_timer(log, "prepare_calib") as info:
         df = read_source(cfg)
-        processor = load_processor(params.model.path)
+        processor = load_processor(model_path(params, processor=True))
         info["read"] += [cfg.source, params.model.path]
         order = list(range(len(df)))
         random.Random(cfg.seed).shuffle(order)

@@ -10,7 +10,8 @@ already-quantized layers):
   weight exactly), plus, for awq/mbq, the FP parameters the scale folding changed under their
   names in the layer (``input_layernorm.weight``, ``self_attn.v_proj.bias``, …);
 * ``data/quantize/layer_{l:03d}/x_hat.safetensors`` — X̂ at the input of layer l+1 (kept for the
-  latest finished layer only: enough to resume);
+  latest finished layer only: enough to resume); with ``cache.layers: first`` also
+  ``x_fp.safetensors``, the FP stream X at the input of layer l+1;
 * ``data/quantize/layer_{l:03d}/done.json`` — written last: the layer is finished.
 
 Killing the run and starting it again continues after the last finished layer and gives a result
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from stages.cache_fp import DTYPES, load_context, load_layer
-from stages.common import call, get_logger, peak_rss_mb, run_cli, save_safetensors, stage_parser, write_json, write_parquet
+from stages.common import call, get_logger, model_path, peak_rss_mb, run_cli, save_safetensors, stage_parser, write_json, write_parquet
 from stages.params import Params, load_params, run_name
 from vlmq.state import STATE_DIR, apply_solved_layer, layer_dir, solved_file, solved_tensors
 
@@ -159,7 +160,7 @@ class QuantizeRun:
         self.cfg = layer_config(self.params)
         self.dtype = DTYPES[self.params.model.dtype]
         self.device = torch.device(self.params.model.device)
-        self.model, self.processor, self.adapter = load_model(self.params.model.path, dtype=self.dtype)
+        self.model, self.processor, self.adapter = load_model(model_path(self.params), dtype=self.dtype)
         self.model.eval().requires_grad_(False)
         self.layers = self.adapter.decoder_layers(self.model)
         self.ctx = load_context(self.cache_dir)
@@ -174,13 +175,22 @@ class QuantizeRun:
         self.start = 0
         while (self.layer_dir(self.start) / "done.json").is_file() and self.start < len(self.layers):
             self.start += 1
+        # cache.layers = first: the FP stream X of the current layer is carried here (model dtype,
+        # as cache_fp propagates it); each layer's X is that stream rounded to cache.dtype, the
+        # values cache.layers = all would have stored, so both give bit-identical results
+        self.fp_stream = self.params.cache.layers == "first"
+        self.store = DTYPES[self.params.cache.dtype]
         if self.start:
             self.log.info("quantize: resuming after %d finished layer(s)", self.start)
             for l in range(self.start):
                 self.apply_solved(l)
-            self.x_hat = self.load_x_hat(self.start - 1)
+            self.x_hat = self.load_stream(self.start - 1, "x_hat")
+            self.x_fp = self.load_stream(self.start - 1, "x_fp") if self.fp_stream else None
+        elif self.fp_stream:
+            self.x_fp = load_layer(self.cache_dir, 0)
+            self.x_hat = [x.to(self.store).to(self.dtype) for x in self.x_fp]
         else:
-            self.x_hat = load_layer(self.cache_dir, 0, self.dtype)
+            self.x_hat, self.x_fp = load_layer(self.cache_dir, 0, self.dtype), None
 
     def layer_dir(self, l: int) -> Path:
         return layer_dir(self.state_dir, l)
@@ -188,10 +198,11 @@ class QuantizeRun:
     def apply_solved(self, l: int) -> None:
         apply_solved_layer(self.adapter, self.layers[l], solved_file(self.state_dir, l))
 
-    def load_x_hat(self, l: int) -> list[torch.Tensor]:
+    def load_stream(self, l: int, stream: str) -> list[torch.Tensor]:
+        """X̂ (``x_hat``) or the FP stream (``x_fp``) at the input of layer l+1, saved to resume."""
         from safetensors.torch import load_file
 
-        f = self.layer_dir(l) / "x_hat.safetensors"
+        f = self.layer_dir(l) / f"{stream}.safetensors"
         if not f.is_file():
             raise FileNotFoundError(f"quantize: resume state {f} is missing (delete {self.state_dir} to start over)")
         t = load_file(str(f))
@@ -211,7 +222,14 @@ class QuantizeRun:
 
         t0 = time.perf_counter()
         layer = self.layers[l].to(self.device)
-        x_fp = load_layer(self.cache_dir, l, self.dtype)
+        x_fp_next = None
+        if self.fp_stream:  # X of this layer as the cache would hold it, and the FP layer's output
+            x_fp = [x.to(self.store).to(self.dtype) for x in self.x_fp]
+            with torch.no_grad():
+                x_fp_next = [self.adapter.run_layer(layer, x.to(self.device), c.to(self.device)).cpu()
+                             for x, (c, _) in zip(self.x_fp, self.ctx)]
+        else:
+            x_fp = load_layer(self.cache_dir, l, self.dtype)
         batches = [CalibBatch(inputs=c.to(self.device), x_fp=xf.to(self.device), x_hat=xh.to(self.device),
                               modality=lab["modality"].to(self.device), segment=lab["segment"].to(self.device))
                    for (c, lab), xf, xh in zip(self.ctx, x_fp, self.x_hat)]
@@ -237,7 +255,8 @@ class QuantizeRun:
                 m.to("cpu")
             self.log.info("quantize: layers.%d: importance (%s, rule %s)", l, self.cfg.importance,
                           sorted(set(outcome.rules)))
-        return {"layer": l, "batches": batches, "importance": outcome, "generator": gen, "t0": t0}
+        return {"layer": l, "batches": batches, "importance": outcome, "generator": gen, "t0": t0,
+                "x_fp_next": x_fp_next}
 
     def solve_step(self, l: int, work: dict) -> dict:
         """Steps 2-3 for layer ``l``: solve every linear, propagate X̂, write the artifacts."""
@@ -260,16 +279,21 @@ class QuantizeRun:
                                    "method": q.method, "layer": str(l)})
         if outcome.g:
             write_parquet(importance_frame(l, outcome, self.ctx), self.importance_dir / f"layer_{l:03d}.parquet")
-        save_safetensors({f"b{i:04d}": t for i, t in enumerate(x_next)}, d / "x_hat.safetensors")
+        streams = {"x_hat": x_next} | ({"x_fp": work["x_fp_next"]} if self.fp_stream else {})
+        for stream, xs in streams.items():
+            save_safetensors({f"b{i:04d}": t for i, t in enumerate(xs)}, d / f"{stream}.safetensors")
         seconds = time.perf_counter() - t0
         record = {"layer": l, "seconds": seconds, "block_loss": outcome.block_loss, "rules": sorted(set(outcome.rules)),
                   "damp_used": {n: r.damp_used for n, r in outcome.results.items()}}
         if outcome.info:
             record["search"] = outcome.info  # awq/mbq: alpha per group; vlm_ptq: clipping ratios
         write_json(d / "done.json", record)
-        if l > 0 and (self.layer_dir(l - 1) / "x_hat.safetensors").is_file():
-            (self.layer_dir(l - 1) / "x_hat.safetensors").unlink()  # only the latest is needed to resume
+        for stream in streams:  # only the latest is needed to resume
+            if l > 0 and (self.layer_dir(l - 1) / f"{stream}.safetensors").is_file():
+                (self.layer_dir(l - 1) / f"{stream}.safetensors").unlink()
         self.x_hat = x_next
+        if self.fp_stream:
+            self.x_fp = work["x_fp_next"]
         self.log.info("quantize: layer %d/%d done in %.1f s (peak RSS %.0f MiB)", l + 1, len(self.layers),
                       seconds, peak_rss_mb())
         return record

@@ -103,9 +103,21 @@ def fmt(x, pct=False, digits=4):
     return f"{100 * x:.1f}" if pct else f"{x:.{digits}g}"
 
 
+def task_columns(tasks) -> list[str]:
+    """Table-2 column order: the paper's eight benchmarks in ``eval.paper_tasks``' order (the
+    robust ScienceQA variant in ScienceQA's place), then any other task alphabetically."""
+    from stages.params import PAPER_TASKS
+
+    slot = {t: i for i, t in enumerate(PAPER_TASKS)}
+    slot["vlmq_scienceqa_img"] = slot.get("scienceqa_img", len(PAPER_TASKS)) + 0.5
+    return sorted(set(tasks), key=lambda t: (slot.get(t, len(PAPER_TASKS) + 1), t))
+
+
 def tables(runs: list[dict], eval_dir: Path) -> tuple[str, pd.DataFrame]:
+    from vlmq.lmms.results import TASK_LABELS
+
     fp = next((r for r in runs if r["method"] == "fp"), None)
-    tasks = sorted({t for r in runs for t in r["per_task"]})
+    tasks = task_columns(t for r in runs for t in r["per_task"])
     rows = []
     for r in runs:
         row = {"run": r["run"], "method": r["method"], "bits": r["bits"], "group_size": r["group_size"],
@@ -119,13 +131,18 @@ def tables(runs: list[dict], eval_dir: Path) -> tuple[str, pd.DataFrame]:
     for bits in sorted({r["bits"] for r in runs if r["method"] != "fp"}):
         group = [r for r in runs if r["bits"] == bits and r["method"] != "fp"]
         md += [f"## W{bits} (accuracy %, answer NLL, KL to FP)", ""]
-        head = ["method", "g", *tasks, "avg", "answer NLL", "KL to FP"]
+        head = ["method", "g", *(TASK_LABELS.get(t, t) for t in tasks), "avg", "answer NLL", "KL to FP"]
         md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in ([fp] if fp else []) + group:
+        shown = ([fp] if fp else []) + group
+        lacking = {r["run"]: [t for t in tasks if r["per_task"].get(t) is None] for r in shown}
+        for r in shown:
             gs = "–" if r["group_size"] is None else ("ch" if r["group_size"] == -1 else r["group_size"])
             cells = [r["run"], str(gs)] + [fmt(r["per_task"].get(t), pct=True) for t in tasks]
             cells += [fmt(r["accuracy"], pct=True), fmt(r["answer_nll"]), fmt(r["kl_to_fp"])]
             md.append("| " + " | ".join(cells) + " |")
+        if any(lacking.values()):  # never a silently partial table: say which cells have no score
+            md += ["", "No score (–): " + "; ".join(f"{run}: {', '.join(ts)}" for run, ts in lacking.items() if ts)
+                   + ". The avg column averages the tasks each run has."]
         ours = [r for r in group if r["method"].startswith("vlmq")]
         base = [r for r in group if r["method"] in BASELINES]
         if ours and base:
@@ -214,8 +231,9 @@ def pca_points(cache_dir: Path, max_points: int = 4000) -> pd.DataFrame | None:
     summary = cache_dir / "summary.json"
     if not summary.is_file():
         return None
-    n_layers = read_json(summary)["n_layers"]
-    layer = n_layers // 2
+    info = read_json(summary)
+    stored = info.get("stored_layers", list(range(info["n_layers"])))  # cache.layers first: layer 0 only
+    layer = stored[len(stored) // 2]
     ctx = load_context(cache_dir)
     xs, mods = [], []
     for (c, lab), x in zip(ctx, load_layer(cache_dir, layer, torch.float32)):

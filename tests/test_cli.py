@@ -61,3 +61,26 @@ def test_missing_input_is_one_line(tmp_path):
 def test_unknown_stage(tmp_path):
     r = run(["-m", "pipeline.run", "nosuchstage"], tmp_path)
     assert r.returncode == 2 and "quantize" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "no_config", "no_weights"])
+def test_bad_model_path_names_model_path(case, tmp_path):
+    """An offline user with a wrong model.path gets the key and the path, not a hub lookup error."""
+    model = tmp_path / "Qwen2-VL-7B-Instruct"
+    if case != "missing":
+        model.mkdir()
+        (model / "tokenizer.json").write_text("{}")
+    if case == "no_weights":
+        (model / "config.json").write_text((REPO / "data/demo/model/config.json").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["path"] = str(model)
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(params))
+    stages = [["-m", "stages.cache_fp"]] + ([["-m", "stages.quantize"]] if case == "missing" else [])
+    for entry in stages:
+        r = run([*entry, "--params", str(f)], tmp_path)
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert f"model.path: {model}" in lines[0] and "huggingface.co" not in lines[0]
+        assert {"missing": "does not exist", "no_config": "config.json is missing",
+                "no_weights": "no model weights"}[case] in lines[0]

@@ -8,6 +8,7 @@ shows only what is meant to be committed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -81,6 +82,12 @@ def test_dvc_repro_tiny_chain(tmp_path, tiny_vlm):
         assert (repo / f).is_file(), f
     assert "up to date" in sh(dvc + ["status"], repo, env)
     assert "## Latency" in (repo / "reports/summary.md").read_text()
+    # the FP cache and the solver state are stored once: in the workspace, not also in .dvc/cache
+    in_dvc_cache = {p.parent.name + p.name for p in (repo / ".dvc" / "cache").rglob("*") if p.is_file()}
+    for out in ("data/cache", "data/quantize"):
+        files = [f for f in (repo / out).rglob("*") if f.is_file()]
+        assert files and not {hashlib.md5(f.read_bytes()).hexdigest() for f in files} & in_dvc_cache, out
+    assert {hashlib.md5((repo / "data/packed/model.safetensors").read_bytes()).hexdigest()} & in_dvc_cache
 
     second = sh(dvc + ["repro"], repo, env)
     assert ran(second) == [], second[-2000:]

@@ -23,8 +23,20 @@ PRIMARY_METRIC = {
     "seedbench_2_plus": "seedbench_2_plus_all",
     "textvqa_val": "exact_match",
 }
+# Column headings of the paper's Table 2 (reports/summary.md), per lmms-eval task.
+TASK_LABELS = {
+    "chartqa": "ChartQA",
+    "docvqa_val": "DocVQA",
+    "mmerealworld": "MME-RW (en)",
+    "mmerealworld_cn": "MME-RW (cn)",
+    "ocrbench": "OCRBench",
+    "scienceqa_img": "SQA-IMG",
+    "vlmq_scienceqa_img": "SQA-IMG (robust)",
+    "seedbench_2_plus": "SEED-2-Plus",
+    "textvqa_val": "TextVQA",
+}
 SKILL_PREFIX = "acc_"  # vlmq_demo's per-skill metrics: acc_color, acc_count, ...
-_ID_KEYS = ("image_id", "question_id", "questionId", "id", "index")
+_ID_KEYS = ("question_id", "questionId", "id", "index")  # vlmq_demo: image_id (one question per image)
 _SKILL_KEYS = ("skill", "category", "question_type")
 
 
@@ -78,18 +90,37 @@ def summarize(results: dict) -> dict:
     return {"accuracy": sum(scores) / len(scores) if scores else None, "per_task": per_task, "per_skill": skills}
 
 
+def question_value(value) -> float | None:
+    """One question's value of a task's headline metric: the number itself, or, for the tasks whose
+    per-question metric is a record their aggregation scores (lmms-eval 0.7.3's rules): OCRBench
+    ``{"score": 0/1, ...}``; MME-RealWorld ``{"pred_answer", "answer", ...}`` (correct when the
+    answer equals or is contained in the extracted letter, case-insensitive); SEED-Bench-2-Plus
+    ``{"pred", "answer", ...}`` (equal after strip, case-insensitive)."""
+    if isinstance(value, dict):
+        if "score" in value:
+            return _number(value["score"])
+        if "pred_answer" in value and "answer" in value:
+            pred, ans = str(value["pred_answer"]).lower(), str(value["answer"]).lower()
+            return float(pred == ans or ans in pred)
+        if "pred" in value and "answer" in value:
+            return float(str(value["pred"]).lower().strip() == str(value["answer"]).lower().strip())
+        return None
+    return _number(value)
+
+
 def sample_rows(task: str, samples: list[dict]) -> list[dict]:
     """Per-question rows of one task: ``task, doc_id, question_id, skill, correct, prediction,
-    target`` (``correct``: the per-question value of the primary metric when it is a number)."""
+    target`` (``correct``: the question's value of the primary metric, :func:`question_value`)."""
     metric = PRIMARY_METRIC.get(task, "exact_match")
     rows = []
     for s in sorted(samples, key=lambda s: s["doc_id"]):
         doc = s.get("doc") or {}
-        qid = next((doc[k] for k in _ID_KEYS if k in doc and doc[k] is not None), s["doc_id"])
+        keys = ("image_id",) if task == "vlmq_demo" else _ID_KEYS
+        qid = next((doc[k] for k in keys if k in doc and doc[k] is not None), s["doc_id"])
         skill = next((doc[k] for k in _SKILL_KEYS if isinstance(doc.get(k), str)), None)
         pred = s.get("filtered_resps", [None])
         pred = pred[0] if isinstance(pred, list) and pred else pred
         rows.append({"task": task, "doc_id": int(s["doc_id"]), "question_id": str(qid), "skill": skill,
-                     "correct": _number(s.get(metric)), "prediction": None if pred is None else str(pred),
+                     "correct": question_value(s.get(metric)), "prediction": None if pred is None else str(pred),
                      "target": None if s.get("target") is None else str(s["target"])})
     return rows

@@ -19,16 +19,21 @@ from .adapter import ADAPTERS, SUPPORTED_ARCHITECTURES, ModelAdapter, Unsupporte
 from .processor import load_processor as _load_processor
 
 SAFE_INDEX = "model.safetensors.index.json"
-_PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
 
 
 class ModelLoadError(RuntimeError):
-    """A model directory cannot be loaded (missing, incomplete or unsupported)."""
+    """A model directory cannot be loaded (missing, incomplete or unsupported); ``problems``
+    lists what is wrong, one item each."""
+
+    problems: list[str] = []
 
 
 def _fail(path: Path, problems: list[str]) -> ModelLoadError:
     lines = "\n".join(f"  - {p}" for p in problems)
-    return ModelLoadError(f"cannot load model from '{path}':\n{lines}")
+    err = ModelLoadError(f"cannot load model from '{path}':\n{lines}")
+    err.problems = list(problems)
+    return err
 
 
 def check_model_dir(path: str | Path) -> tuple[dict[str, Any], ModelAdapter]:
@@ -142,7 +147,7 @@ def load_model(
     model.to(device).eval()
 
     processor = None
-    if load_processor and any((path / f).is_file() for f in _PROCESSOR_FILES):
+    if load_processor and any((path / f).is_file() for f in PROCESSOR_FILES):
         try:
             processor = _load_processor(path)
         except Exception as exc:  # noqa: BLE001 - re-raised with the path and the cause
