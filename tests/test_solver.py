@@ -574,3 +574,26 @@ def test_recursive_triangular_inverse_and_inverse_cholesky_factor():
     Hl = H + 0.01 * torch.diagonal(H).mean() * torch.eye(n, dtype=torch.float64)
     assert rel == 0.01 and torch.equal(U, U.triu()) and (torch.diagonal(U) > 0).all()
     assert torch.allclose(U.T @ U @ Hl, torch.eye(n, dtype=torch.float64), atol=1e-9)
+
+
+def test_accumulator_hands_its_buffers_over_once():
+    """finalize() divides in place and gives the buffers away (no second in x in copy at real
+    sizes): the result equals the float64 sums / n, and the accumulator refuses further use."""
+    from vlmq.hessian import HessianAccumulator
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 40, 24, generator=gen, dtype=torch.float64)
+    xf = x + 0.1 * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    acc = HessianAccumulator(24, residual=True)
+    for b in range(3):
+        acc.add(x[b], xf[b])
+    st = acc.finalize()
+    X, dX = x.reshape(-1, 24), (xf - x).reshape(-1, 24)
+    torch.testing.assert_close(st.H, X.T @ X / 120, rtol=1e-12, atol=0)
+    torch.testing.assert_close(st.D, dX.T @ X / 120, rtol=1e-12, atol=1e-15)
+    with pytest.raises(RuntimeError, match="already called"):
+        acc.finalize()
+    with pytest.raises(RuntimeError, match="after finalize"):
+        acc.add(x[0], xf[0])
+    st32 = st.to(torch.float32)
+    assert st32.H.dtype == torch.float32 and torch.equal(st32.H, st.H.float()) and torch.equal(st32.D, st.D.float())

@@ -31,6 +31,12 @@ class HessianStats:
     def in_features(self) -> int:
         return self.H.shape[0]
 
+    def to(self, dtype: torch.dtype) -> "HessianStats":
+        """The same statistics in ``dtype`` (a new object; the solver casts to its own precision
+        anyway, so casting first frees the float64 matrices before the solve's copies)."""
+        return HessianStats(H=self.H.to(dtype), D=None if self.D is None else self.D.to(dtype),
+                            n_tokens=self.n_tokens)
+
 
 def _check_finite(t: torch.Tensor, what: str, name: str) -> None:
     if not torch.isfinite(t).all():
@@ -67,6 +73,8 @@ class HessianAccumulator:
 
     @torch.no_grad()
     def add(self, x_hat: torch.Tensor, x: torch.Tensor | None = None, g: torch.Tensor | None = None) -> None:
+        if self._H is None:
+            raise RuntimeError(f"{self.name}: add() after finalize()")
         x_hat = self._as_tokens(x_hat, "inputs")
         n = x_hat.shape[0]
         if self.residual:
@@ -101,8 +109,14 @@ class HessianAccumulator:
         self.n_tokens += n
 
     def finalize(self) -> HessianStats:
+        """The statistics, divided by the token count in place: the accumulator hands its buffers
+        over (an [in, in] float64 matrix is 2.9 GB at Qwen2-VL-7B's down_proj) and cannot be used
+        again."""
+        if self._H is None:
+            raise RuntimeError(f"{self.name}: finalize() was already called")
         if self.n_tokens == 0:
             raise ValueError(f"{self.name}: no calibration tokens were accumulated")
-        H = self._H / self.n_tokens
-        D = None if self._D is None else self._D / self.n_tokens
+        H = self._H.div_(self.n_tokens)
+        D = None if self._D is None else self._D.div_(self.n_tokens)
+        self._H = self._D = None
         return HessianStats(H=H, D=D, n_tokens=self.n_tokens)
