@@ -198,12 +198,17 @@ def project(rows: list[dict], key: str, tokens: int = PAPER_TOKENS) -> dict:
     s = SHAPES[key]
     mine = [r for r in rows if r["model"] == key]
     out = {"model": s["name"], "layers": s["layers"], "tokens": tokens, "measured_tokens": sorted({r["tokens"] for r in mine})}
+    # memory: past one batch (8 samples) only the two streams grow with N, X and X̂ of every token
+    # in float32 (+ g per projection); the per-batch working set does not
+    stream_mb_per_token = (2 * s["hidden"] * 4 + 4 * 4) / 2**20
     for phase in sorted({r["phase"] for r in mine}):
         pts_t = [(r["tokens"], r["seconds"]) for r in mine if r["phase"] == phase]
-        pts_m = [(r["tokens"], r["peak_rss_mb"]) for r in mine if r["phase"] == phase]
-        ft, fm = _fit(pts_t), _fit(pts_m)
+        ft = _fit(pts_t)
         out[f"{phase}_hours"] = None if ft is None else (ft[0] + ft[1] * tokens) * s["layers"] / 3600
-        out[f"{phase}_peak_rss_gb"] = None if fm is None else (fm[0] + fm[1] * tokens) / 1024
+        big = max((r for r in mine if r["phase"] == phase), key=lambda r: r["tokens"])
+        full_batch = big["tokens"] >= BATCH * SEQ
+        extra = stream_mb_per_token * (tokens - big["tokens"]) if phase != "cache_fp" else 0.0
+        out[f"{phase}_peak_rss_gb"] = (big["peak_rss_mb"] + extra) / 1024 if full_batch else None
     per_token = [r["disk_bytes_per_layer"] / r["tokens"] for r in mine if r["phase"] == "cache_fp"]
     if per_token:
         layer_bytes = per_token[0] * tokens
@@ -244,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", nargs="+", type=int, default=[2048, 8192])
     ap.add_argument("--methods", nargs="+", default=["gptq", "gptaq", "vlmq"], choices=["gptq", "gptaq", "vlmq"])
     ap.add_argument("--out", default=str(REPO / "reports/bench/scale.json"))
+    ap.add_argument("--reproject", action="store_true", help="recompute the projection of --out's rows")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -253,6 +259,12 @@ def main(argv: list[str] | None = None) -> None:
         res = (phase_cache_fp(a.model, a.n, Path(a.work)) if a.phase == "cache_fp"
                else phase_quantize(a.model, a.phase, Path(a.work)))
         print("RESULT " + json.dumps(res), flush=True)
+        return
+    if a.reproject:
+        report = json.loads(Path(a.out).read_text())
+        report["projection"] = [project(report["rows"], k) for k in dict.fromkeys(r["model"] for r in report["rows"])]
+        _write(Path(a.out), report)
+        print(table(report["projection"]))
         return
     rows, t_start = [], time.perf_counter()
     for key in a.models:
@@ -268,12 +280,15 @@ def main(argv: list[str] | None = None) -> None:
     report = {"machine": machine(), "note": __doc__.split("\n\n")[0], "seconds_total": time.perf_counter() - t_start,
               "sequence": {"tokens": SEQ, "image_tokens": IMAGE_TOKENS, "batch": BATCH},
               "rows": rows, "projection": projections, "gpu": "not measured (no GPU lent to this session)"}
-    out = Path(a.out)
+    _write(Path(a.out), report)
+    print(table(projections))
+
+
+def _write(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out)
-    print(table(projections))
 
 
 if __name__ == "__main__":
