@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common import atomic_path, call, get_logger, run_cli, stage_parser, stage_timer, write_json, write_parquet
+from stages.common import atomic_path, call, get_logger, model_path, run_cli, stage_parser, stage_timer, write_json, write_parquet
 from stages.params import Params, load_params, run_name
 from vlmq.state import STATE_DIR
 
@@ -318,7 +318,8 @@ def evaluate(params_path: str | Path | None = None, out_dir: str | Path = OUT_DI
     unknown = set(runs) - {"fp", "quant"}
     if unknown or not runs:
         raise ValueError(f"runs must be 'fp' and/or 'quant', got {list(runs)}")
-    plan = []  # inputs are checked (tasks, their data, the quantize state) before the stage starts
+    model_path(params)  # inputs are checked (model, tasks, their data, the quantize state) before the stage starts
+    plan = []
     if "fp" in runs:
         plan.append(("fp", {"loader": "fp"}))
     if "quant" in runs:
