@@ -8,12 +8,14 @@ Writes ``latency.out`` (default ``reports/latency.json``); the report stage turn
 from __future__ import annotations
 
 
-from stages.common import call, get_logger, run_cli, stage_parser, stage_timer
+from stages.common import call, get_logger, model_path, run_cli, stage_parser, stage_timer
+from stages.params import load_params
 
 
 def latency(params_path=None) -> dict:
     from benchmarks.latency import run_benchmark
 
+    model_path(load_params(params_path))  # the decode benchmark loads it after minutes of shapes
     log = get_logger("latency")
     with stage_timer(log, "latency"):
         return run_benchmark(params_path, log=log.info)

@@ -76,7 +76,8 @@ def test_bad_model_path_names_model_path(case, tmp_path):
     params["model"]["path"] = str(model)
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump(params))
-    stages = [["-m", "stages.cache_fp"]] + ([["-m", "stages.quantize"], ["-m", "stages.evaluate", "--runs", "fp"]]
+    stages = [["-m", "stages.cache_fp"]] + ([["-m", "stages.quantize"], ["-m", "stages.evaluate", "--runs", "fp"],
+                                            ["-m", "stages.latency"]]
                                            if case == "missing" else [])
     for entry in stages:
         r = run([*entry, "--params", str(f)], tmp_path)
