@@ -94,12 +94,6 @@ def calib_batches(n_tokens: int, seed: int = 0):
     return out
 
 
-def _peak_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -109,7 +103,7 @@ def phase_cache_fp(key: str, n_tokens: int, work: Path) -> dict:
     """Embeddings + layer 0 over the N tokens; X (float16) and the layer context to disk."""
     import torch
 
-    from stages.common import save_safetensors
+    from stages.common import peak_rss_mb, save_safetensors
     from vlmq.models import get_adapter
 
     model = build_model(key)
@@ -130,7 +124,7 @@ def phase_cache_fp(key: str, n_tokens: int, work: Path) -> dict:
     seconds = time.perf_counter() - t0
     save_safetensors(ctx, work / "context.safetensors")
     save_safetensors(xs, work / "layer_000.safetensors")
-    return {"phase": "cache_fp", "seconds": seconds, "peak_rss_mb": _peak_mb(), "base_rss_mb": base,
+    return {"phase": "cache_fp", "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base,
             "disk_bytes_per_layer": (work / "layer_000.safetensors").stat().st_size,
             "tokens": sum(int(x.shape[0] * x.shape[1]) for x in xs.values())}
 
@@ -140,6 +134,7 @@ def phase_quantize(key: str, method: str, work: Path, bits: int = 3, group_size:
     import torch
     from safetensors.torch import load_file
 
+    from stages.common import peak_rss_mb
     from vlmq.models import LayerInputs, get_adapter
     from vlmq.quantize import CalibBatch, LayerQuantConfig, layer_importance, quantize_layer
 
@@ -170,7 +165,7 @@ def phase_quantize(key: str, method: str, work: Path, bits: int = 3, group_size:
     t1 = time.perf_counter()
     quantize_layer(adapter, layer, batches, cfg, name="layers.0", importance=outcome)
     times["solve_seconds"] = time.perf_counter() - t1
-    return {"phase": method, "seconds": time.perf_counter() - t0, **times, "peak_rss_mb": _peak_mb(),
+    return {"phase": method, "seconds": time.perf_counter() - t0, **times, "peak_rss_mb": peak_rss_mb(),
             "base_rss_mb": base}
 
 

@@ -120,9 +120,9 @@ def cache_fp(params_path: str | Path | None = None, calib_path: str | Path = CAL
         ctx = load_context(out_dir)
         layers = adapter.decoder_layers(model)
         first_only = params.cache.layers == "first"
+        # `first`: layer 0 in the model's dtype, the quantize loop rounds and propagates it itself
+        dtype = params.model.dtype if first_only else params.cache.dtype
         for li_idx in tqdm(range(len(layers)), desc="cache_fp layers", unit="layer"):
-            # `first`: layer 0 in the model's dtype, the quantize loop rounds and propagates it itself
-            dtype = params.model.dtype if first_only else params.cache.dtype
             save_safetensors({f"b{b:04d}": t.to(DTYPES[dtype]) for b, t in enumerate(x)},
                              out_dir / f"layer_{li_idx:03d}.safetensors",
                              metadata={"format": "vlmq.cache.layer.v1", "layer": str(li_idx), "dtype": dtype})

@@ -188,7 +188,7 @@ class QuantizeRun:
             self.x_fp = self.load_stream(self.start - 1, "x_fp") if self.fp_stream else None
         elif self.fp_stream:
             self.x_fp = load_layer(self.cache_dir, 0)
-            self.x_hat = [x.to(self.store).to(self.dtype) for x in self.x_fp]
+            self.x_hat = self.as_cached(self.x_fp)
         else:
             self.x_hat, self.x_fp = load_layer(self.cache_dir, 0, self.dtype), None
 
@@ -197,6 +197,10 @@ class QuantizeRun:
 
     def apply_solved(self, l: int) -> None:
         apply_solved_layer(self.adapter, self.layers[l], solved_file(self.state_dir, l))
+
+    def as_cached(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The FP stream as ``cache.layers: all`` would hold it: rounded to ``cache.dtype``."""
+        return [x.to(self.store).to(self.dtype) for x in xs]
 
     def load_stream(self, l: int, stream: str) -> list[torch.Tensor]:
         """X̂ (``x_hat``) or the FP stream (``x_fp``) at the input of layer l+1, saved to resume."""
@@ -224,7 +228,7 @@ class QuantizeRun:
         layer = self.layers[l].to(self.device)
         x_fp_next = None
         if self.fp_stream:  # X of this layer as the cache would hold it, and the FP layer's output
-            x_fp = [x.to(self.store).to(self.dtype) for x in self.x_fp]
+            x_fp = self.as_cached(self.x_fp)
             with torch.no_grad():
                 x_fp_next = [self.adapter.run_layer(layer, x.to(self.device), c.to(self.device)).cpu()
                              for x, (c, _) in zip(self.x_fp, self.ctx)]
