@@ -16,13 +16,17 @@ Every phase runs in a fresh process, so its peak RSS is its own ``ru_maxrss``:
   plus 1 % Gaussian noise, standing in for the upstream quantization error (at layer 0 of a real
   run X̂ = X and VLMQ takes its first-layer rule instead).
 
-The driver then fits time and peak RSS per phase as a + b·N over the measured N and projects a
-whole model at the paper's 512 samples × 512 tokens: time on this CPU, RAM, and disk of the FP
-cache for ``cache.layers: all`` vs ``first``. Results: ``reports/bench/scale.json`` and a
-Markdown table on stdout (the README's "Scale rehearsal" table).
+Each quantize phase reports its time split into the importance pass and the statistics (the
+sub-block forwards and the accumulation: linear in N) and the solves (independent of N). The
+projection to a whole model at the paper's 512 samples × 512 tokens scales the first part from
+the largest N measured and keeps the second: time on this CPU, RAM (the measured peak plus the
+float32 streams X and X̂ of the extra tokens), and disk of the FP cache for ``cache.layers: all``
+vs ``first``. Results: ``reports/bench/scale.json`` (``--append`` adds to the rows already
+there) and a Markdown table on stdout (the README's "Scale rehearsal" tables).
 
-    .venv/bin/python benchmarks/scale.py                       # the committed run (see --help)
-    .venv/bin/python benchmarks/scale.py --models 7b --tokens 2048 --methods gptaq vlmq --quick
+    .venv/bin/python benchmarks/scale.py        # 7B shape, N = 32k, GPTAQ and VLMQ (≈ 25 min)
+    .venv/bin/python benchmarks/scale.py --append --models 2b --tokens 8192 --methods gptq gptaq vlmq
+    .venv/bin/python benchmarks/scale.py --append --models 32b --tokens 4096 --methods gptaq
 """
 
 from __future__ import annotations
@@ -162,9 +166,9 @@ def phase_quantize(key: str, method: str, work: Path, bits: int = 3, group_size:
         with torch.enable_grad():
             outcome = layer_importance(adapter, layer, batches, cfg, generator=torch.Generator().manual_seed(0))
         times["importance_seconds"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    quantize_layer(adapter, layer, batches, cfg, name="layers.0", importance=outcome)
-    times["solve_seconds"] = time.perf_counter() - t1
+    res = quantize_layer(adapter, layer, batches, cfg, name="layers.0", importance=outcome)
+    times["statistics_seconds"] = res.seconds["statistics"]  # sub-block forwards + accumulation (∝ N)
+    times["solve_seconds"] = res.seconds["solve"]  # the solver (independent of N)
     return {"phase": method, "seconds": time.perf_counter() - t0, **times, "peak_rss_mb": peak_rss_mb(),
             "base_rss_mb": base}
 
@@ -178,18 +182,9 @@ def _run_phase(args: list[str]) -> dict:
     return json.loads(line[-1][7:])
 
 
-def _fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
-    """(a, b) of y = a + b·N through the measured points (least squares); None below two N."""
-    if len({n for n, _ in points}) < 2:
-        return None
-    mn = sum(n for n, _ in points) / len(points)
-    my = sum(y for _, y in points) / len(points)
-    b = sum((n - mn) * (y - my) for n, y in points) / sum((n - mn) ** 2 for n, _ in points)
-    return my - b * mn, b
-
-
 def project(rows: list[dict], key: str, tokens: int = PAPER_TOKENS) -> dict:
-    """Whole-model figures at ``tokens`` calibration tokens from the per-layer measurements."""
+    """Whole-model figures at ``tokens`` calibration tokens from the per-layer measurements of
+    the largest N: the N-proportional part of each phase scaled to ``tokens``, the solves kept."""
     s = SHAPES[key]
     mine = [r for r in rows if r["model"] == key]
     out = {"model": s["name"], "layers": s["layers"], "tokens": tokens, "measured_tokens": sorted({r["tokens"] for r in mine})}
@@ -197,10 +192,9 @@ def project(rows: list[dict], key: str, tokens: int = PAPER_TOKENS) -> dict:
     # in float32 (+ g per projection); the per-batch working set does not
     stream_mb_per_token = (2 * s["hidden"] * 4 + 4 * 4) / 2**20
     for phase in sorted({r["phase"] for r in mine}):
-        pts_t = [(r["tokens"], r["seconds"]) for r in mine if r["phase"] == phase]
-        ft = _fit(pts_t)
-        out[f"{phase}_hours"] = None if ft is None else (ft[0] + ft[1] * tokens) * s["layers"] / 3600
         big = max((r for r in mine if r["phase"] == phase), key=lambda r: r["tokens"])
+        fixed = big.get("solve_seconds", 0.0)
+        out[f"{phase}_hours"] = (fixed + (big["seconds"] - fixed) * tokens / big["tokens"]) * s["layers"] / 3600
         full_batch = big["tokens"] >= BATCH * SEQ
         extra = stream_mb_per_token * (tokens - big["tokens"]) if phase != "cache_fp" else 0.0
         out[f"{phase}_peak_rss_gb"] = (big["peak_rss_mb"] + extra) / 1024 if full_batch else None
@@ -240,10 +234,12 @@ def table(projections: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["2b", "7b", "32b"], choices=sorted(SHAPES))
-    ap.add_argument("--tokens", nargs="+", type=int, default=[2048, 8192])
-    ap.add_argument("--methods", nargs="+", default=["gptq", "gptaq", "vlmq"], choices=["gptq", "gptaq", "vlmq"])
+    ap.add_argument("--models", nargs="+", default=["7b"], choices=sorted(SHAPES))
+    ap.add_argument("--tokens", nargs="+", type=int, default=[32768])
+    ap.add_argument("--methods", nargs="+", default=["gptaq", "vlmq"], choices=["gptq", "gptaq", "vlmq"])
     ap.add_argument("--out", default=str(REPO / "reports/bench/scale.json"))
+    ap.add_argument("--append", action="store_true",
+                    help="keep --out's rows of other (model, N, phase) and its other runs")
     ap.add_argument("--reproject", action="store_true", help="recompute the projection of --out's rows")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -271,12 +267,24 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(res)
                     print(f"scale: {SHAPES[key]['name']} N={n} {phase}: {res['seconds']:.1f} s, "
                           f"peak RSS {res['peak_rss_mb']:.0f} MiB", flush=True)
-    projections = [project(rows, k) for k in a.models]
-    report = {"machine": machine(), "note": __doc__.split("\n\n")[0], "seconds_total": time.perf_counter() - t_start,
+    run = {"command": "benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "machine": machine(), "seconds_total": time.perf_counter() - t_start,
+           "date": time.strftime("%Y-%m-%d")}
+    for r in rows:
+        r["run"] = run["command"]
+    runs = []
+    if a.append and Path(a.out).is_file():
+        old = json.loads(Path(a.out).read_text())
+        new_keys = {(r["model"], r["tokens"], r["phase"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["model"], r["tokens"], r["phase"]) not in new_keys] + rows
+        runs = [r for r in old.get("runs", []) if r["command"] != run["command"]]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    report = {"note": __doc__.split("\n\n")[0], "runs": runs + [run],
               "sequence": {"tokens": SEQ, "image_tokens": IMAGE_TOKENS, "batch": BATCH},
-              "rows": rows, "projection": projections, "gpu": "not measured (no GPU lent to this session)"}
+              "rows": rows, "projection": [project(rows, k) for k in models],
+              "gpu": "not measured (no GPU lent to this session)"}
     _write(Path(a.out), report)
-    print(table(projections))
+    print(table(report["projection"]))
 
 
 def _write(out: Path, report: dict) -> None:

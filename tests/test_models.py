@@ -486,3 +486,32 @@ def test_packed_checkpoint_round_trip_all_families(case: Case, tmp_path: Path, b
         got = model_logits(model, case.batch)[mask]
         rel = float((got - ref).norm() / ref.norm())
         assert rel < (2e-2 if backend == "aten_int4" else 1e-3), (backend, rel)
+
+
+def test_linear_inputs_stop_early_and_match_a_full_forward(case: Case) -> None:
+    """The quantize loop's capture of each sub-block's inputs stops the layer's forward at the
+    last wanted linear: same tensors as hooks on a full forward, later modules never run."""
+    from vlmq.quantize import SUBSETS, linear_inputs
+
+    adapter = get_adapter(case.model)
+    inputs = adapter.prepare_inputs(case.model, case.batch)
+    layer = adapter.decoder_layers(case.model)[0]
+    linears = adapter.linears(layer)
+    full: dict[str, torch.Tensor] = {}
+    hs = [m.register_forward_pre_hook(lambda _m, a, n=n: full.__setitem__(n, a[0].clone())) for n, m in linears.items()]
+    with torch.no_grad():
+        adapter.run_layer(layer, inputs.hidden_states, inputs)
+    for h in hs:
+        h.remove()
+    order = list(linears)
+    for subset in SUBSETS:
+        called = []
+        later = [n for n in order if order.index(n) > max(order.index(s) for s in subset)]
+        hs = [linears[n].register_forward_pre_hook(lambda _m, a, n=n: called.append(n)) for n in later]
+        with torch.no_grad():
+            got = linear_inputs(adapter, layer, inputs.hidden_states, inputs, {n: linears[n] for n in subset})
+        for h in hs:
+            h.remove()
+        assert called == [] and sorted(got) == sorted(subset)
+        for n in subset:
+            assert torch.equal(got[n], full[n]), n

@@ -570,10 +570,50 @@ def test_recursive_triangular_inverse_and_inverse_cholesky_factor():
         Li = lower_triangular_inverse(L, leaf=leaf)
         assert torch.allclose(Li, torch.linalg.inv(L), rtol=1e-9, atol=1e-9)
         assert torch.equal(Li, Li.tril())
-    U, rel = _upper_cholesky_of_inverse(H, 0.01, "t")
-    Hl = H + 0.01 * torch.diagonal(H).mean() * torch.eye(n, dtype=torch.float64)
+    H0 = H.clone()
+    order = torch.randperm(n, generator=gen)
+    dead = torch.zeros(n, dtype=torch.bool)
+    U, rel = _upper_cholesky_of_inverse(H, order, dead, 0.01, "t")
+    assert torch.equal(H, H0)  # the caller's statistics are read only
+    Hp = H[order][:, order]
+    Hl = Hp + 0.01 * torch.diagonal(H).mean() * torch.eye(n, dtype=torch.float64)
     assert rel == 0.01 and torch.equal(U, U.triu()) and (torch.diagonal(U) > 0).all()
     assert torch.allclose(U.T @ U @ Hl, torch.eye(n, dtype=torch.float64), atol=1e-9)
+
+
+def test_in_place_helpers_match_their_plain_forms():
+    """The memory-saving forms of the solve's [n, n] steps against the plain torch expressions:
+    chunked in-place reversal = flip(0, 1) (odd and even sizes, chunks not dividing), chunked
+    gather = M[order][:, order], in-place triangular inverse = inv(L)."""
+    from vlmq.solver import _gather, _reverse_, invert_lower_
+
+    gen = torch.Generator().manual_seed(21)
+    for n in (7, 8, 301):
+        M = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        assert torch.equal(_reverse_(M.clone(), chunk=5), M.flip(0, 1))
+        order = torch.randperm(n, generator=gen)
+        assert torch.equal(_gather(M, order, torch.float64, rows=13), M[order][:, order])
+        assert torch.equal(_gather(M, order, torch.float32, rows=64), M[order][:, order].float())
+        L = torch.linalg.cholesky(M @ M.T + n * torch.eye(n, dtype=torch.float64))
+        Li = invert_lower_(L.clone(), leaf=16)
+        torch.testing.assert_close(Li, torch.linalg.inv(L), rtol=1e-10, atol=1e-12)
+
+
+def test_blocked_residual_propagator_equals_the_full_products():
+    """Above 2·rows columns P = α·triu(D Uᵀ, 1)·U is built in D's storage a row block at a time
+    from the triangular parts only: equal (float64) to the full products, uneven last block."""
+    from vlmq.solver import _residual_propagator
+
+    gen = torch.Generator().manual_seed(22)
+    n = 230
+    D = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    U = torch.randn(n, n, generator=gen, dtype=torch.float64).triu()
+    want = 0.25 * torch.triu(D @ U.T, 1) @ U
+    got = _residual_propagator(D.clone(), U, 0.25, rows=32)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.equal(got, got.triu(1))
+    small = _residual_propagator(D.clone(), U, 0.25, rows=128)  # n <= 2·rows: the full products
+    torch.testing.assert_close(small, want, rtol=1e-12, atol=1e-12)
 
 
 def test_accumulator_hands_its_buffers_over_once():
@@ -595,5 +635,34 @@ def test_accumulator_hands_its_buffers_over_once():
         acc.finalize()
     with pytest.raises(RuntimeError, match="after finalize"):
         acc.add(x[0], xf[0])
-    st32 = st.to(torch.float32)
+    acc32 = HessianAccumulator(24, residual=True)
+    for b in range(3):
+        acc32.add(x[b], xf[b])
+    st32 = acc32.finalize(torch.float32)  # the solve's precision: the float64 sums, divided, then cast
     assert st32.H.dtype == torch.float32 and torch.equal(st32.H, st.H.float()) and torch.equal(st32.D, st.D.float())
+
+
+@pytest.mark.parametrize("rows", [5, 7, 24, 100])
+def test_blocked_accumulator_equals_the_full_sums(rows):
+    """Above ``rows`` input features the sums are kept as row blocks (H only on and above the
+    diagonal, mirrored at finalize): H, H̃ (token weights) and D equal the float64 brute force,
+    H exactly symmetric, in float64 and cast to float32; uneven last blocks included."""
+    from vlmq.hessian import HessianAccumulator
+
+    gen = torch.Generator().manual_seed(31)
+    n = 24
+    x = torch.randn(4, 30, n, generator=gen, dtype=torch.float64)
+    xf = x + 0.2 * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    g = torch.rand(4, 30, generator=gen, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        acc = HessianAccumulator(n, residual=True, rows=rows)
+        for b in range(4):
+            acc.add(x[b], xf[b], g[b])
+        st = acc.finalize(dtype)
+        X, dX, G = x.reshape(-1, n), (xf - x).reshape(-1, n), g.reshape(-1, 1)
+        tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+        assert st.H.dtype == dtype and st.D.dtype == dtype
+        torch.testing.assert_close(st.H, (X * G).T @ (X * G) / 120, check_dtype=False, **tol)
+        torch.testing.assert_close(st.D, (dX * G).T @ (X * G) / 120, check_dtype=False, **tol)
+        if rows < n:
+            assert torch.equal(st.H[:rows, rows:], st.H[rows:, :rows].T)

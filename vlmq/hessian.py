@@ -8,8 +8,14 @@ For a layer ``y = W x`` with quantized-path inputs X̂ and full-precision inputs
 
 accumulated over mini-batches of tokens so that no activation matrix needs to be held whole.
 Each mini-batch product is computed in the input precision promoted to float32 (fast GEMM) and
-added into float64 sums (the sums of many positive terms are where float32 loses digits);
-:meth:`HessianAccumulator.finalize` returns float64 matrices.
+added into float64 sums (the sums of many positive terms are where float32 loses digits).
+
+At real sizes these matrices are GBs (in = 18944 at Qwen2-VL-7B's down_proj: 2.9 GB each in
+float64), so above ``ROWS`` input features the sums are kept as blocks of ``ROWS`` rows: H only
+on and above the diagonal (it is symmetric: about half the memory and half the GEMM work), D
+whole. :meth:`HessianAccumulator.finalize` assembles them in the solve's precision a block at a
+time, freeing each float64 block as it goes. Up to ``ROWS`` features there is one block, the full
+product, so small layers are computed exactly as before blocking existed.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+ROWS = 1024  # rows per block of the float64 sums above this many input features
 
 
 @dataclass(frozen=True)
@@ -30,12 +38,6 @@ class HessianStats:
     @property
     def in_features(self) -> int:
         return self.H.shape[0]
-
-    def to(self, dtype: torch.dtype) -> "HessianStats":
-        """The same statistics in ``dtype`` (a new object; the solver casts to its own precision
-        anyway, so casting first frees the float64 matrices before the solve's copies)."""
-        return HessianStats(H=self.H.to(dtype), D=None if self.D is None else self.D.to(dtype),
-                            n_tokens=self.n_tokens)
 
 
 def _check_finite(t: torch.Tensor, what: str, name: str) -> None:
@@ -54,14 +56,18 @@ class HessianAccumulator:
     """
 
     def __init__(self, in_features: int, *, residual: bool = False, name: str = "layer",
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, rows: int = ROWS):
         if not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"{name}: in_features must be a positive integer, got {in_features!r}")
         self.in_features = in_features
         self.residual = residual
         self.name = name
-        self._H = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
-        self._D = torch.zeros_like(self._H) if residual else None
+        n = in_features
+        self._blocks = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
+        # H[r0:r1, r0:] (on and above the diagonal) and D[r0:r1, :] per block, float64
+        self._H = [torch.zeros(r1 - r0, n - r0, dtype=torch.float64, device=device) for r0, r1 in self._blocks]
+        self._D = [torch.zeros(r1 - r0, n, dtype=torch.float64, device=device)
+                   for r0, r1 in self._blocks] if residual else None
         self.n_tokens = 0
 
     def _as_tokens(self, t: torch.Tensor, what: str) -> torch.Tensor:
@@ -98,25 +104,46 @@ class HessianAccumulator:
         if n == 0:
             return
         work = torch.float64 if x_hat.dtype == torch.float64 else torch.float32
-        xh = x_hat.to(device=self._H.device, dtype=work)
+        xh = x_hat.to(device=self._H[0].device, dtype=work)
         # Importance enters as X̃ = X G (Eq. 19): each token row is scaled by its g.
         xh_w = xh if g is None else xh * g.to(device=xh.device, dtype=work)[:, None]
-        self._H += (xh_w.T @ xh_w).to(torch.float64)
+        for (r0, r1), Hb in zip(self._blocks, self._H):
+            Hb += (xh_w[:, r0:r1].T @ xh_w[:, r0:]).to(torch.float64)
         if self.residual:
             dx = x.to(device=xh.device, dtype=work) - xh
             dx_w = dx if g is None else dx * g.to(device=xh.device, dtype=work)[:, None]
-            self._D += (dx_w.T @ xh_w).to(torch.float64)
+            for (r0, r1), Db in zip(self._blocks, self._D):
+                Db += (dx_w[:, r0:r1].T @ xh_w).to(torch.float64)
         self.n_tokens += n
 
-    def finalize(self) -> HessianStats:
-        """The statistics, divided by the token count in place: the accumulator hands its buffers
-        over (an [in, in] float64 matrix is 2.9 GB at Qwen2-VL-7B's down_proj) and cannot be used
-        again."""
+    def finalize(self, dtype: torch.dtype = torch.float64) -> HessianStats:
+        """The statistics divided by the token count, in ``dtype`` (the solve's precision: float32
+        for a float32 weight). The float64 sums are handed over (one block) or freed block by
+        block as the result is assembled; the accumulator cannot be used again."""
         if self._H is None:
             raise RuntimeError(f"{self.name}: finalize() was already called")
         if self.n_tokens == 0:
             raise ValueError(f"{self.name}: no calibration tokens were accumulated")
-        H = self._H.div_(self.n_tokens)
-        D = None if self._D is None else self._D.div_(self.n_tokens)
-        self._H = self._D = None
+        H = self._assemble(self._H, dtype, mirror=True)
+        self._H = None
+        D = None
+        if self._D is not None:
+            D = self._assemble(self._D, dtype, mirror=False)
+            self._D = None
         return HessianStats(H=H, D=D, n_tokens=self.n_tokens)
+
+    def _assemble(self, blocks: list[torch.Tensor], dtype: torch.dtype, mirror: bool) -> torch.Tensor:
+        if len(blocks) == 1:  # the full matrix
+            out = blocks.pop().div_(self.n_tokens)
+            return out if out.dtype == dtype else out.to(dtype)
+        n = self.in_features
+        out = torch.empty(n, n, dtype=dtype, device=blocks[0].device)
+        for r0, r1 in self._blocks:
+            b = blocks.pop(0).div_(self.n_tokens)
+            if mirror:  # H: the block's upper part and, by symmetry, the column block below it
+                out[r0:r1, r0:] = b
+                out[r1:, r0:r1] = b[:, r1 - r0:].T
+            else:
+                out[r0:r1] = b
+            del b
+        return out

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -186,18 +187,43 @@ class LayerOutcome:
     # the quantized state; ``info``: per-method search records (JSON-serialisable)
     fp_params: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    # wall seconds of the solve step: "statistics" (the sub-block forwards and the accumulation,
+    # linear in the calibration tokens) and "solve" (the solver, independent of them)
+    seconds: dict[str, float] = field(default_factory=lambda: {"statistics": 0.0, "solve": 0.0})
 
 
-def capture_inputs(modules: dict[str, nn.Module]):
+class _Captured(Exception):
+    """Raised by :func:`linear_inputs`' hooks once every wanted linear has seen its input."""
+
+
+def linear_inputs(adapter, layer: nn.Module, hidden: torch.Tensor, layer_inputs,
+                  modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The inputs of ``modules`` (name -> a linear of ``layer``) in a forward of ``layer`` on
+    ``hidden``. The forward stops once the last of them is reached: the rest of the layer is not
+    computed (for [q, k, v] that is all of it but the norm; at 7B shapes the four sub-block passes
+    cost less than one full forward instead of four)."""
     store: dict[str, torch.Tensor] = {}
 
     def make(name):
         def pre_hook(_m, args):
             store[name] = args[0].detach()
+            if len(store) == len(modules):
+                raise _Captured
+
         return pre_hook
 
     handles = [m.register_forward_pre_hook(make(n)) for n, m in modules.items()]
-    return store, handles
+    try:
+        adapter.run_layer(layer, hidden, layer_inputs)
+    except _Captured:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(modules) - set(store))
+    if missing:
+        raise RuntimeError(f"the layer's forward never called {missing}")
+    return store
 
 
 def layer_importance(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: LayerQuantConfig, *,
@@ -325,17 +351,12 @@ def quantize_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: La
                                        name=f"{name}.{ln}", device=linears[ln].weight.device)
                 for ln in subset}
         method.start_subset(job, subset)
+        t0 = time.perf_counter()
         for bi, b in enumerate(batches):
             mask = b.inputs.token_mask.to(b.x_hat.device)
-            x_in, h1 = capture_inputs({ln: fp_linears[ln] for ln in subset})
-            xh_in, h2 = capture_inputs({ln: linears[ln] for ln in subset})
-            try:
-                if residual:
-                    adapter.run_layer(fp_layer, b.x_fp, b.inputs)
-                adapter.run_layer(layer, b.x_hat, b.inputs)
-            finally:
-                for h in h1 + h2:
-                    h.remove()
+            x_in = linear_inputs(adapter, fp_layer, b.x_fp, b.inputs,
+                                 {ln: fp_linears[ln] for ln in subset}) if residual else None
+            xh_in = linear_inputs(adapter, layer, b.x_hat, b.inputs, {ln: linears[ln] for ln in subset})
             for ln in subset:
                 g = method.token_weights(job, ln, bi)
                 if g is not None:
@@ -343,8 +364,11 @@ def quantize_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: La
                 x_hat = xh_in[ln][mask]
                 accs[ln].add(x_hat, x_in[ln][mask] if residual else None, g)
                 method.observe(job, ln, x_hat, b.modality.to(mask.device)[mask], g)
+        t1 = time.perf_counter()
         for ln in subset:  # one linear's statistics alive at a time (GBs each at 7B/32B shapes)
             _solve_linear(job, ln, linears[ln].weight.data, accs.pop(ln), kw)
+        outcome.seconds["statistics"] += t1 - t0
+        outcome.seconds["solve"] += time.perf_counter() - t1
         step(f"{name}: solved {', '.join(s.rsplit('.', 1)[1] for s in subset)} ({solver_method})")
     del fp_layer
     return outcome
@@ -356,10 +380,10 @@ def _solve_linear(job: LayerJob, linear: str, weight: torch.Tensor, acc: Hessian
     statistics of ``acc`` are cast to the solve's precision (float32, or float64 for a float64
     weight) before the solve, which casts them so anyway: the same numbers, and at 7B/32B shapes
     the [in, in] float64 matrices (2.9 / 6.1 GB each for down_proj) are freed before its copies."""
-    stats = None
-    if acc is not None:
-        stats = acc.finalize().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-    res = solve(weight, stats, name=f"{job.name}.{linear}", **kw, **job.cfg.strategy.solve_options(job, linear))
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    # handed straight to solve (no reference kept here), so it can free the matrices as it goes
+    res = solve(weight, None if acc is None else acc.finalize(dtype), name=f"{job.name}.{linear}", **kw,
+                **job.cfg.strategy.solve_options(job, linear))
     job.adapter.set_weight(job.layer, linear, res.dequant)
     job.outcome.results[linear] = res
     job.cfg.strategy.finish_linear(job, linear, res)

@@ -9,7 +9,7 @@ from torch import nn
 
 from vlmq.importance import PROJECTIONS
 from vlmq.methods.base import LayerJob, QuantMethod
-from vlmq.quantize import SUBSETS, CalibBatch, LayerOutcome, LayerQuantConfig, capture_inputs
+from vlmq.quantize import SUBSETS, CalibBatch, LayerOutcome, LayerQuantConfig, linear_inputs
 
 
 class AWQ(QuantMethod):
@@ -79,12 +79,7 @@ def scale_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: Layer
                                     device=first.weight.device)
         for b in batches:
             mask = b.inputs.token_mask.to(b.x_hat.device)
-            xin, hs = capture_inputs({subset[0]: first})
-            try:
-                adapter.run_layer(layer, b.x_hat, b.inputs)
-            finally:
-                for h in hs:
-                    h.remove()
+            xin = linear_inputs(adapter, layer, b.x_hat, b.inputs, {subset[0]: first})
             acc.add(xin[subset[0]][mask], b.modality.to(mask.device)[mask] if by_modality else None)
         res = search_scales({ln: linears[ln].weight.data for ln in subset}, acc.finalize(), bits=cfg.bits,
                             group_size=cfg.group_size, sym=cfg.sym, n_grid=cfg.awq_grid,
