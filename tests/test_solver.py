@@ -597,6 +597,23 @@ def test_in_place_helpers_match_their_plain_forms():
         L = torch.linalg.cholesky(M @ M.T + n * torch.eye(n, dtype=torch.float64))
         Li = invert_lower_(L.clone(), leaf=16)
         torch.testing.assert_close(Li, torch.linalg.inv(L), rtol=1e-10, atol=1e-12)
+        Li = invert_lower_(L.mT.contiguous().mT.clone(), leaf=4, tri_leaf=8)  # column-major, as the solver's
+        torch.testing.assert_close(Li, torch.linalg.inv(L), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("upper", [True, False])
+def test_triangular_product_skips_the_zero_half(upper):
+    """X @ T for triangular T by block recursion (uneven splits, several levels) equals the full
+    float64 product; up to the leaf it is the plain product bit for bit."""
+    from vlmq.solver import mm_triangular
+
+    gen = torch.Generator().manual_seed(23)
+    T = torch.randn(203, 203, generator=gen, dtype=torch.float64)
+    T = T.triu() if upper else T.tril()
+    X = torch.randn(17, 203, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(mm_triangular(X, T, upper, leaf=10), X @ T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mm_triangular(X, T.mT.contiguous().mT, upper, leaf=30), X @ T, rtol=1e-12, atol=1e-12)
+    assert torch.equal(mm_triangular(X, T, upper, leaf=203), X @ T)
 
 
 def test_blocked_residual_propagator_equals_the_full_products():

@@ -108,12 +108,12 @@ class HessianAccumulator:
         # Importance enters as X̃ = X G (Eq. 19): each token row is scaled by its g.
         xh_w = xh if g is None else xh * g.to(device=xh.device, dtype=work)[:, None]
         for (r0, r1), Hb in zip(self._blocks, self._H):
-            Hb += (xh_w[:, r0:r1].T @ xh_w[:, r0:]).to(torch.float64)
+            Hb += xh_w[:, r0:r1].T @ xh_w[:, r0:]  # float32 product added into float64 (no float64 copy)
         if self.residual:
             dx = x.to(device=xh.device, dtype=work) - xh
             dx_w = dx if g is None else dx * g.to(device=xh.device, dtype=work)[:, None]
             for (r0, r1), Db in zip(self._blocks, self._D):
-                Db += (dx_w[:, r0:r1].T @ xh_w).to(torch.float64)
+                Db += dx_w[:, r0:r1].T @ xh_w
         self.n_tokens += n
 
     def finalize(self, dtype: torch.dtype = torch.float64) -> HessianStats:

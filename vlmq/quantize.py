@@ -347,26 +347,30 @@ def quantize_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: La
     fp_layer = copy.deepcopy(layer)  # the FP stream's inputs of every linear come from the FP layer
     fp_linears = adapter.linears(fp_layer)
     for subset in SUBSETS:
-        accs = {ln: HessianAccumulator(linears[ln].in_features, residual=residual,
-                                       name=f"{name}.{ln}", device=linears[ln].weight.device)
-                for ln in subset}
         method.start_subset(job, subset)
         t0 = time.perf_counter()
+        # a sub-block's linears read one input (SUBSETS are input-sharing groups): the forward
+        # stops at the first of them, and those without token weights share their statistics
+        first = {subset[0]: linears[subset[0]]}
+        shared = _share_statistics(job, subset, linears, residual)
         for bi, b in enumerate(batches):
             mask = b.inputs.token_mask.to(b.x_hat.device)
-            x_in = linear_inputs(adapter, fp_layer, b.x_fp, b.inputs,
-                                 {ln: fp_linears[ln] for ln in subset}) if residual else None
-            xh_in = linear_inputs(adapter, layer, b.x_hat, b.inputs, {ln: linears[ln] for ln in subset})
+            x = linear_inputs(adapter, fp_layer, b.x_fp, b.inputs,
+                              {subset[0]: fp_linears[subset[0]]})[subset[0]][mask] if residual else None
+            x_hat = linear_inputs(adapter, layer, b.x_hat, b.inputs, first)[subset[0]][mask]
+            modality = b.modality.to(mask.device)[mask]
+            added = set()
             for ln in subset:
                 g = method.token_weights(job, ln, bi)
                 if g is not None:
                     g = g.to(mask.device)[mask]
-                x_hat = xh_in[ln][mask]
-                accs[ln].add(x_hat, x_in[ln][mask] if residual else None, g)
-                method.observe(job, ln, x_hat, b.modality.to(mask.device)[mask], g)
+                if id(shared[ln]) not in added:
+                    shared[ln].acc.add(x_hat, x, g)
+                    added.add(id(shared[ln]))
+                method.observe(job, ln, x_hat, modality, g)
         t1 = time.perf_counter()
-        for ln in subset:  # one linear's statistics alive at a time (GBs each at 7B/32B shapes)
-            _solve_linear(job, ln, linears[ln].weight.data, accs.pop(ln), kw)
+        for ln in subset:  # one set of statistics alive at a time (GBs each at 7B/32B shapes)
+            _solve_linear(job, ln, linears[ln].weight.data, shared.pop(ln), kw)
         outcome.seconds["statistics"] += t1 - t0
         outcome.seconds["solve"] += time.perf_counter() - t1
         step(f"{name}: solved {', '.join(s.rsplit('.', 1)[1] for s in subset)} ({solver_method})")
@@ -374,15 +378,46 @@ def quantize_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: La
     return outcome
 
 
-def _solve_linear(job: LayerJob, linear: str, weight: torch.Tensor, acc: HessianAccumulator | None,
-                  kw: dict) -> None:
-    """Solve one linear with the method's options, set its weight, record the result. The float64
-    statistics of ``acc`` are cast to the solve's precision (float32, or float64 for a float64
-    weight) before the solve, which casts them so anyway: the same numbers, and at 7B/32B shapes
-    the [in, in] float64 matrices (2.9 / 6.1 GB each for down_proj) are freed before its copies."""
+class _SharedStats:
+    """One accumulator for the linears of a sub-block that see the same inputs and no token
+    weights (GPTQ/GPTAQ's q/k/v, everyone's gate/up): accumulated and finalized once, handed to
+    each of their solves; the last solve gets the only reference (so it can free the matrices)."""
+
+    def __init__(self, acc: HessianAccumulator, linears: list[str]):
+        self.acc, self.linears, self.users, self._stats = acc, linears, len(linears), None
+
+    def take(self, dtype: torch.dtype):
+        if self._stats is None:
+            self._stats = self.acc.finalize(dtype)
+            self.acc = None
+        self.users -= 1
+        stats = self._stats
+        if self.users == 0:
+            self._stats = None
+        return stats
+
+
+def _share_statistics(job: LayerJob, subset: tuple[str, ...], linears: dict, residual: bool) -> dict[str, _SharedStats]:
+    """Accumulators for ``subset``: one shared by the linears without token weights (their
+    statistics are equal: same input, plain H), one for each linear with its own G."""
+    out: dict[str, _SharedStats] = {}
+    plain = [ln for ln in subset if job.cfg.strategy.token_weights(job, ln, 0) is None]
+    for grp in [plain] * bool(plain) + [[ln] for ln in subset if ln not in plain]:
+        lin = linears[grp[0]]
+        acc = HessianAccumulator(lin.in_features, residual=residual, name=f"{job.name}.{grp[0]}",
+                                 device=lin.weight.device)
+        out.update(dict.fromkeys(grp, _SharedStats(acc, grp)))
+    return out
+
+
+def _solve_linear(job: LayerJob, linear: str, weight: torch.Tensor, stats: _SharedStats | None, kw: dict) -> None:
+    """Solve one linear with the method's options, set its weight, record the result. The
+    statistics are finalized in the solve's precision (float32, or float64 for a float64 weight)
+    and handed straight to :func:`vlmq.solver.solve` (no reference kept here), so that at 7B/32B
+    shapes the [in, in] matrices (1.4 / 3.1 GB each in float32 for down_proj) are freed as soon
+    as the solve has its own copies."""
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    # handed straight to solve (no reference kept here), so it can free the matrices as it goes
-    res = solve(weight, None if acc is None else acc.finalize(dtype), name=f"{job.name}.{linear}", **kw,
+    res = solve(weight, None if stats is None else stats.take(dtype), name=f"{job.name}.{linear}", **kw,
                 **job.cfg.strategy.solve_options(job, linear))
     job.adapter.set_weight(job.layer, linear, res.dequant)
     job.outcome.results[linear] = res
