@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"peak RSS {res['peak_rss_mb']:.0f} MiB", flush=True)
     run = {"command": "benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine(), "seconds_total": time.perf_counter() - t_start,
-           "date": time.strftime("%Y-%m-%d")}
+           "date": time.strftime("%Y-%m-%d"), "commit": _commit()}
     for r in rows:
         r["run"] = run["command"]
     runs = []
@@ -285,6 +285,11 @@ def main(argv: list[str] | None = None) -> None:
               "gpu": "not measured (no GPU lent to this session)"}
     _write(Path(a.out), report)
     print(table(report["projection"]))
+
+
+def _commit() -> str | None:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return r.stdout.strip() or None
 
 
 def _write(out: Path, report: dict) -> None:

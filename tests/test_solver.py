@@ -683,3 +683,25 @@ def test_blocked_accumulator_equals_the_full_sums(rows):
         torch.testing.assert_close(st.D, (dX * G).T @ (X * G) / 120, check_dtype=False, **tol)
         if rows < n:
             assert torch.equal(st.H[:rows, rows:], st.H[rows:, :rows].T)
+
+
+def test_solve_reads_statistics_and_frees_them_only_when_handed_over():
+    """solve() never writes the statistics; it takes them away (H, D → None) only from a
+    consumable object (the layer loop's hand-over), and the result is the same either way."""
+    from vlmq.hessian import HessianAccumulator
+
+    gen = torch.Generator().manual_seed(41)
+    X = torch.randn(200, 24, generator=gen)
+    Xf = X + 0.1 * torch.randn(200, 24, generator=gen)
+    W = torch.randn(8, 24, generator=gen)
+    acc = HessianAccumulator(24, residual=True)
+    acc.add(X, Xf)
+    st = acc.finalize(torch.float32)
+    H0, D0 = st.H.clone(), st.D.clone()
+    kept = solve(W, st, bits=3, group_size=8, method="gptaq")
+    assert torch.equal(st.H, H0) and torch.equal(st.D, D0)
+    st.consumable = True
+    taken = solve(W, st, bits=3, group_size=8, method="gptaq")
+    assert st.H is None and st.D is None and torch.equal(kept.dequant, taken.dequant)
+    with pytest.raises(RuntimeError, match="already handed"):
+        solve(W, st, bits=3, group_size=8, method="gptaq")

@@ -27,17 +27,32 @@ import torch
 ROWS = 1024  # rows per block of the float64 sums above this many input features
 
 
-@dataclass(frozen=True)
+@dataclass
 class HessianStats:
-    """Finalized statistics: ``H`` [in, in], ``D`` [in, in] or None (no FP stream), ``n_tokens``."""
+    """Finalized statistics: ``H`` [in, in], ``D`` [in, in] or None (no FP stream), ``n_tokens``.
 
-    H: torch.Tensor
+    ``consumable``: the solve that receives them may take the matrices away (:meth:`release`), so
+    they are freed during it; the layer loop sets it for the last solve of each set of
+    statistics. Statistics built by hand stay intact (False)."""
+
+    H: torch.Tensor | None
     D: torch.Tensor | None
     n_tokens: int
+    consumable: bool = False
 
     @property
     def in_features(self) -> int:
         return self.H.shape[0]
+
+    def release(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(H, D)`` for a solve; a consumable object gives them away (H and D become None): a
+        caller's reference alone would keep GBs alive through the solve at 7B/32B shapes."""
+        if self.H is None:
+            raise RuntimeError("these statistics were already handed to a solve")
+        H, D = self.H, self.D
+        if self.consumable:
+            self.H = self.D = None
+        return H, D
 
 
 def _check_finite(t: torch.Tensor, what: str, name: str) -> None:

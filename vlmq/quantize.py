@@ -27,6 +27,7 @@ Stages do the I/O (cache, Parquet, safetensors, resume); this module holds no fi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -368,6 +369,7 @@ def quantize_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: La
                     shared[ln].acc.add(x_hat, x, g)
                     added.add(id(shared[ln]))
                 method.observe(job, ln, x_hat, modality, g)
+        x = x_hat = None  # the last batch's inputs ([tokens, 18944] at 7B's down_proj)
         t1 = time.perf_counter()
         for ln in subset:  # one set of statistics alive at a time (GBs each at 7B/32B shapes)
             _solve_linear(job, ln, linears[ln].weight.data, shared.pop(ln), kw)
@@ -381,7 +383,7 @@ def quantize_layer(adapter, layer: nn.Module, batches: list[CalibBatch], cfg: La
 class _SharedStats:
     """One accumulator for the linears of a sub-block that see the same inputs and no token
     weights (GPTQ/GPTAQ's q/k/v, everyone's gate/up): accumulated and finalized once, handed to
-    each of their solves; the last solve gets the only reference (so it can free the matrices)."""
+    each of their solves; the last solve gets them consumable (so it can free the matrices)."""
 
     def __init__(self, acc: HessianAccumulator, linears: list[str]):
         self.acc, self.linears, self.users, self._stats = acc, linears, len(linears), None
@@ -392,7 +394,8 @@ class _SharedStats:
             self.acc = None
         self.users -= 1
         stats = self._stats
-        if self.users == 0:
+        if self.users == 0:  # the last solve may free the matrices as it goes
+            stats.consumable = True
             self._stats = None
         return stats
 
@@ -420,5 +423,7 @@ def _solve_linear(job: LayerJob, linear: str, weight: torch.Tensor, stats: _Shar
     res = solve(weight, None if stats is None else stats.take(dtype), name=f"{job.name}.{linear}", **kw,
                 **job.cfg.strategy.solve_options(job, linear))
     job.adapter.set_weight(job.layer, linear, res.dequant)
-    job.outcome.results[linear] = res
     job.cfg.strategy.finish_linear(job, linear, res)
+    # the record keeps what the state stores (the dequantized weight is now the layer's own, the
+    # integer codes fit a byte): at 32B shapes the full results of a layer are ~4 GB
+    job.outcome.results[linear] = dataclasses.replace(res, dequant=None, int_weight=res.int_weight.to(torch.uint8))

@@ -72,14 +72,15 @@ MAX_DAMP_TRIES = 6  # damp, 10·damp, …, 10^5·damp
 class QuantResult:
     """Output of the solver for one weight [out, in].
 
-    ``int_weight`` [out, in] int32 in [0, 2^bits − 1]; ``scales`` [out, n_groups] (float32, or
+    ``int_weight`` [out, in] int32 in [0, 2^bits − 1] (uint8 in the layer loop's records, which
+    also drop ``dequant`` once it is the layer's weight: :func:`vlmq.quantize.quantize_layer`); ``scales`` [out, n_groups] (float32, or
     float64 for a float64 solve); ``zeros`` [out, n_groups] int32; ``g_idx`` [in] int32 group of
     each input column; ``dequant`` [out, in] = scales[:, g_idx] * (int_weight − zeros[:, g_idx]).
     ``perm`` is the act_order column order (None without act_order); ``damp_used`` the relative
     damping that gave a positive-definite Hessian (None for RTN).
     """
 
-    dequant: torch.Tensor
+    dequant: torch.Tensor | None
     int_weight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
@@ -317,6 +318,8 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
     if stats is None:
         raise ValueError(f"{name}: method={method!r} needs Hessian statistics (stats is None)")
     out_f, in_f = weight.shape
+    if stats.H is None:
+        raise RuntimeError(f"{name}: these statistics were already handed to a solve")
     if stats.H.shape != (in_f, in_f):
         raise ValueError(f"{name}: Hessian is {list(stats.H.shape)} but weight has in_features={in_f}")
     if method == "gptaq" and stats.D is None:
@@ -326,10 +329,11 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
     dev = weight.device
     W = weight.detach().to(cdtype).clone()
     # [in, in] matrices are GBs at 7B/32B shapes: the statistics are read, never modified, and
-    # dropped as soon as their permuted copies exist (freed then if the caller kept no reference)
-    H = stats.H.to(device=dev, dtype=cdtype)
-    D_stats = stats.D if method == "gptaq" and gptaq_alpha != 0 else None
-    del stats
+    # dropped as soon as their permuted copies exist (freed then if ``stats.consumable``)
+    H, D_stats = stats.release()
+    H = H.to(device=dev, dtype=cdtype)
+    if not (method == "gptaq" and gptaq_alpha != 0):
+        D_stats = None
     diag = torch.diagonal(H).clone()
     dead = diag == 0
     diag[dead] = 1.0
@@ -344,6 +348,7 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
 
     # Column-major work layout: row j of Wt is input column j (contiguous for the column loop).
     Wt = W.T.contiguous()
+    del W
     St = None  # the residual's share of each column's current value, carried along ("uncorrected")
     P = None  # the reference update's residual propagator
     if D_stats is not None:
@@ -445,6 +450,7 @@ def solve(weight: torch.Tensor, stats: HessianStats | None, *, bits: int = 4, gr
                 if St is not None:
                     St[i2:re].addmm_(P[rs:i2, i2:re].T, W1[rs - i1:])
 
+    U = U1 = P = P1 = St = S1 = Wt = W1 = None  # free the [in, in] matrices (and views) before the outputs
     int_weight = Qt.T
     dequant = DQt.T
     if perm is not None:
@@ -506,7 +512,9 @@ def quantize_weight(weight: torch.Tensor, inputs: torch.Tensor | None, *, fp_inp
     for a in range(0, x_hat.shape[0], chunk_tokens):
         b = a + chunk_tokens
         acc.add(x_hat[a:b], None if x is None or method != "gptaq" else x[a:b], None if g is None else g[a:b])
-    return solve(weight, acc.finalize(torch.float64 if weight.dtype == torch.float64 else torch.float32), bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+    stats = acc.finalize(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    stats.consumable = True  # ours: the solve may free it as it goes
+    return solve(weight, stats, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                  damp=damp, method=method, block_size=block_size, name=name, target=target,
                  channel_importance=channel_importance, clip_ratios=clip_ratios,
                  gptaq_alpha=gptaq_alpha, gptaq_update=gptaq_update)
