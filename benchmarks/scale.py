@@ -24,7 +24,7 @@ float32 streams X and X̂ of the extra tokens), and disk of the FP cache for ``c
 vs ``first``. Results: ``reports/bench/scale.json`` (``--append`` adds to the rows already
 there) and a Markdown table on stdout (the README's "Scale rehearsal" tables).
 
-    .venv/bin/python benchmarks/scale.py        # 7B shape, N = 32k, GPTAQ and VLMQ (≈ 25 min)
+    .venv/bin/python benchmarks/scale.py        # 7B shape, N = 32k, GPTAQ and VLMQ (28 min on 2 cores)
     .venv/bin/python benchmarks/scale.py --append --models 2b --tokens 8192 --methods gptq gptaq vlmq
     .venv/bin/python benchmarks/scale.py --append --models 32b --tokens 4096 --methods gptaq
 """
