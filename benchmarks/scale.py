@@ -223,7 +223,7 @@ def table(projections: list[dict]) -> str:
     def f(x, unit=""):
         return "n/a" if x is None else f"{x:.1f}{unit}"
 
-    lines = ["| model | layers | cache_fp (h) | GPTQ (h) | GPTAQ (h) | VLMQ (h) | peak RSS GPTAQ / VLMQ (GB) "
+    lines = ["| model | layers | cache_fp (h) | GPTQ (h) | GPTAQ (h) | VLMQ (h) | peak RSS GPTAQ / VLMQ (GiB) "
              "| disk `all` (GB) | disk `first` (GB) |", "|---|---|---|---|---|---|---|---|---|"]
     for p in projections:
         lines.append(f"| {p['model']} | {p['layers']} | {f(p.get('cache_fp_hours'))} | {f(p.get('gptq_hours'))} | "
