@@ -385,8 +385,8 @@ class _SharedStats:
     weights (GPTQ/GPTAQ's q/k/v, everyone's gate/up): accumulated and finalized once, handed to
     each of their solves; the last solve gets them consumable (so it can free the matrices)."""
 
-    def __init__(self, acc: HessianAccumulator, linears: list[str]):
-        self.acc, self.linears, self.users, self._stats = acc, linears, len(linears), None
+    def __init__(self, acc: HessianAccumulator, users: int):
+        self.acc, self.users, self._stats = acc, users, None
 
     def take(self, dtype: torch.dtype):
         if self._stats is None:
@@ -409,7 +409,7 @@ def _share_statistics(job: LayerJob, subset: tuple[str, ...], linears: dict, res
         lin = linears[grp[0]]
         acc = HessianAccumulator(lin.in_features, residual=residual, name=f"{job.name}.{grp[0]}",
                                  device=lin.weight.device)
-        out.update(dict.fromkeys(grp, _SharedStats(acc, grp)))
+        out.update(dict.fromkeys(grp, _SharedStats(acc, len(grp))))
     return out
 
 
