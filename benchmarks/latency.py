@@ -1,26 +1,38 @@
-"""Latency of quantized linears and of the end-to-end decode, FP vs W4/W3/W2, per backend.
+"""Latency of quantized linears and of the end-to-end model, FP vs W4/W3/W2, per backend, cold and warm.
 
     python -m benchmarks.latency            # knobs: params.yaml `latency:`; writes reports/latency.json
+    python -m benchmarks.latency --sweep    # the long batch sweep (latency.sweep): report + plot
 
 * Single linears at the paper's Table 11 shapes (``latency.shapes``, ``(in, out)``): dense FP
   (``F.linear`` in each of ``latency.dense_dtypes``) and GPTQ-packed W``bits`` g``group_size``
-  through every applicable backend of :mod:`vlmq.qlinear`, at every batch of ``latency.batches``
-  (batch 1 = decode, batch N = prefill). Warm-up, then ``runs`` timed calls: median, p10, p90.
-* Beside each, the memory-traffic floor: bytes the kernel must read (weights + scales/zeros) /
-  this machine's measured memory bandwidth (a large ``sum`` over a buffer ≫ cache).
-* End to end: greedy decode of ``decode_tokens`` tokens at batch 1 of the model at
-  ``model.path`` (FP, and with every decoder linear RTN-packed at each bit width and run by the
-  fastest backend), tokens/s; model size on disk (packed safetensors) and resident tensor bytes.
+  through every backend of :mod:`vlmq.qlinear` that applies (``auto`` = what a loaded model runs:
+  the fused kernel below ``prefill_from`` rows, the tiled prefill path from it on), at every row
+  count of ``latency.batches`` (1 = decode, more = prefill). Median, p10, p90 of the timed calls.
+* ``cache: cold``: every timed call reads a weight copy that is not in cache, as a model does
+  that streams each layer's weights from DRAM: the call rotates over copies that together hold at
+  least ``cold_llc_factor`` × the last-level cache (capped at ``cold_ram_fraction`` of the available
+  RAM; the row records how many copies and bytes it rotated). ``cache: warm``: one copy, timed
+  again and again (what a weight that fits in cache gets). Dense and quantized alike.
+* Beside each, the memory-traffic floor: bytes the call must read (weights + scales/zeros) / this
+  machine's measured memory bandwidth (a ``sum`` over a buffer far larger than the cache).
+* End to end (``end_to_end``): the model at ``model.path`` answers a rendered image question at
+  batch 1: time to first token (the prefill, ``generate`` of one token) and decode tokens/s (the
+  next ``decode_tokens`` tokens), FP (each dense dtype) and RTN-packed at each bit width through
+  ``auto``, cold (caches evicted before every run). Size on disk and resident tensor bytes.
 
-All variants run in one process, interleaved per shape, so their ratios compare like with like.
+All variants run in one process, interleaved per shape and row count, so ratios compare like with
+like; the machine block records the CPU, its last-level cache and instruction-set flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
+import re
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +41,13 @@ import torch
 import torch.nn.functional as F
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+def _stats(ts: list[float]) -> dict:
+    ts = sorted(ts)
+    q = lambda p: ts[min(len(ts) - 1, int(round(p * (len(ts) - 1))))]  # noqa: E731
+    return {"median_ms": statistics.median(ts), "p10_ms": q(0.10), "p90_ms": q(0.90), "runs": len(ts)}
 
 
 def _time(fn, runs: int, warmup: int) -> dict:
@@ -39,9 +58,7 @@ def _time(fn, runs: int, warmup: int) -> dict:
         t0 = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
-    q = lambda p: ts[min(len(ts) - 1, int(round(p * (len(ts) - 1))))]  # noqa: E731
-    return {"median_ms": statistics.median(ts), "p10_ms": q(0.10), "p90_ms": q(0.90), "runs": runs}
+    return _stats(ts)
 
 
 def memory_bandwidth_gbs(n_bytes: int = 1 << 30, runs: int = 5) -> float:
@@ -51,23 +68,63 @@ def memory_bandwidth_gbs(n_bytes: int = 1 << 30, runs: int = 5) -> float:
     return n_bytes / (r["median_ms"] * 1e-3) / 1e9
 
 
+def _size(text: str) -> int:
+    m = re.match(r"\s*([\d.]+)\s*([KMG]?)(i?B)?", text)
+    if not m:
+        raise ValueError(text)
+    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)])
+
+
+def llc_bytes() -> int:
+    """The last-level cache, all instances together (``lscpu``; else sysfs, one instance; else 64 MiB)."""
+    try:
+        out = subprocess.run(["lscpu", "-B", "-C=NAME,ALL-SIZE"], capture_output=True, text=True, timeout=10).stdout
+        sizes = {ln.split()[0]: int(ln.split()[1]) for ln in out.splitlines()[1:] if len(ln.split()) == 2}
+        for name in ("L4", "L3", "L2"):
+            if name in sizes:
+                return sizes[name]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    best = (0, 0)
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            best = max(best, (int((d / "level").read_text()), _size((d / "size").read_text())))
+        except (OSError, ValueError):
+            continue
+    return best[1] or 64 << 20
+
+
+def available_ram_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
 def machine_info() -> dict:
-    cpu = platform.processor() or ""
+    cpu, flags = platform.processor() or "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not cpu:
                 cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
     from vlmq.kernels import kernel_isa
 
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "kernel_isa": kernel_isa(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": [f for f in FLAGS if f in flags], "llc_bytes": llc_bytes(),
             "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def _random_quant_linear(in_f: int, out_f: int, bits: int, group_size: int, gen: torch.Generator):
+def random_quant_linear(in_f: int, out_f: int, bits: int, group_size: int, gen: torch.Generator):
     from vlmq.pack import pack_linear
     from vlmq.qlinear import QuantLinear
 
@@ -83,40 +140,122 @@ def _random_quant_linear(in_f: int, out_f: int, bits: int, group_size: int, gen:
 
 def quant_bytes(in_f: int, out_f: int, bits: int, group_size: int) -> int:
     n_groups = 1 if group_size == -1 else -(-in_f // group_size)
-    return in_f * out_f * bits // 8 + n_groups * out_f * (2 + bits / 8)
+    return int(in_f * out_f * bits // 8 + n_groups * out_f * (2 + bits / 8))
 
 
-def bench_linears(cfg, bw_gbs: float, log=print) -> list[dict]:
+class Rotation:
+    """Copies of one variant's weights, enough to be cold: ``n`` copies of ``nbytes`` each, such that
+    between two uses of a copy the others stream ``(n - 1) * nbytes`` ≥ ``factor`` × LLC through the
+    cache (capped by ``ram_cap`` bytes in all; ``cold`` says whether the cap left enough)."""
+
+    def __init__(self, make_copy, nbytes: int, llc: int, factor: float, ram_cap: int, cold: bool):
+        need = 1 + math.ceil(factor * llc / max(nbytes, 1)) if cold else 1
+        n = max(1, min(need, ram_cap // max(nbytes, 1))) if cold else 1
+        self.copies = [make_copy(i) for i in range(n)]
+        self.nbytes, self.cold = nbytes, cold and n >= need
+        self.i = 0
+
+    def next(self):
+        c = self.copies[self.i % len(self.copies)]
+        self.i += 1
+        return c
+
+    def info(self) -> dict:
+        return {"copies": len(self.copies), "rotation_bytes": len(self.copies) * self.nbytes}
+
+
+def _measure(call, rot: Rotation, cfg, best_ms: float | None) -> dict:
+    """Time ``call(copy)`` over the rotation: warm-up, then up to ``runs`` calls (fewer where one
+    call is slow: ``seconds_per_row``; a single run where it is > 5x the fastest dense already timed)."""
+    t0 = time.perf_counter()
+    call(rot.next())
+    first = time.perf_counter() - t0
+    if best_ms is not None and first * 1e3 > 5 * best_ms:
+        return {**_stats([first * 1e3]), **rot.info()}
+    for _ in range(max(0, cfg.warmup - 1)):
+        call(rot.next())
+    runs = max(3, min(cfg.runs, int(cfg.seconds_per_row / max(first, 1e-6))))
+    ts = []
+    for _ in range(runs):
+        c = rot.next()
+        t0 = time.perf_counter()
+        call(c)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return {**_stats(ts), **rot.info()}
+
+
+def _prepared_copy(ql):
+    return {k: v.clone() for k, v in ql._prepared.items()}
+
+
+def bench_linears(cfg, bw_gbs: float, batches=None, log=print) -> list[dict]:
     from vlmq.qlinear import available_backends
 
+    llc = llc_bytes()
+    ram_cap = int(cfg.cold_ram_fraction * available_ram_bytes())
     gen = torch.Generator().manual_seed(0)
     results = []
     for in_f, out_f in cfg.shapes:
-        dense = {}
+        base = torch.randn(out_f, in_f, generator=gen)
+        dense = {}  # (dtype, cache) -> rotation of weight copies
         for name in cfg.dense_dtypes:
-            dense[name] = torch.randn(out_f, in_f, generator=gen).to(DTYPES[name])
-        quant = {b: _random_quant_linear(in_f, out_f, b, cfg.group_size, gen) for b in cfg.bits}
-        for batch in cfg.batches:
+            w = base.to(DTYPES[name])
+            for cache in cfg.cache:
+                dense[name, cache] = Rotation(lambda i, w=w: w if i == 0 else w.clone(), w.numel() * w.element_size(),
+                                              llc, cfg.cold_llc_factor, ram_cap, cache == "cold")
+        del base
+        quant = {}  # (bits, layout, cache) -> (QuantLinear, rotation of prepared tensors)
+        for bits in cfg.bits:
+            ql = random_quant_linear(in_f, out_f, bits, cfg.group_size, gen)
+            ok = available_backends(bits)
+            for layout, members in (("kernel", {"auto", "cpu_fused", "cpu_tiled"}), ("aten_int4", {"aten_int4"}),
+                                    ("dequant", {"dequant"}), ("reference", {"reference"})):
+                use = [b for b in cfg.backends if b in members and (b == "auto" or b in ok)]
+                if not use:
+                    continue
+                q2 = random_quant_linear(in_f, out_f, bits, cfg.group_size, torch.Generator().manual_seed(bits))
+                q2.load_state_dict(ql.state_dict())
+                q2.prepare(use[0], prefill_from=cfg.prefill_from)
+                nbytes = sum(v.numel() * v.element_size() for v in q2._prepared.values()) or quant_bytes(
+                    in_f, out_f, bits, cfg.group_size)
+                for cache in cfg.cache:
+                    quant[bits, layout, cache] = (q2, use, Rotation(
+                        lambda i, q2=q2: q2._prepared if i == 0 else _prepared_copy(q2), nbytes, llc,
+                        cfg.cold_llc_factor, ram_cap, cache == "cold"))
+        for batch in batches or cfg.batches:
             x = torch.randn(batch, in_f, generator=gen)
-            for name, w in dense.items():
-                xd = x.to(w.dtype)
-                r = _time(lambda: F.linear(xd, w), cfg.runs, cfg.warmup)
-                r.update(shape=[in_f, out_f], dtype_or_bits=name, group_size=None, backend="dense", batch=batch,
-                         floor_ms=w.numel() * w.element_size() / (bw_gbs * 1e9) * 1e3)
-                results.append(r)
-                log(f"  ({in_f},{out_f}) batch {batch} dense {name}: {r['median_ms']:.3f} ms (floor {r['floor_ms']:.3f})")
-            for bits, ql in quant.items():
-                for backend in cfg.backends:
-                    if backend not in available_backends(bits):
-                        continue
-                    ql.prepare(backend)
-                    r = _time(lambda: ql(x), cfg.runs, cfg.warmup)
-                    r.update(shape=[in_f, out_f], dtype_or_bits=bits, group_size=cfg.group_size, backend=backend,
-                             batch=batch, floor_ms=quant_bytes(in_f, out_f, bits, cfg.group_size) / (bw_gbs * 1e9) * 1e3)
+            for cache in cfg.cache:
+                best = None
+                for name in cfg.dense_dtypes:
+                    xd = x.to(DTYPES[name])
+                    rot = dense[name, cache]
+                    r = _measure(lambda w: F.linear(xd, w), rot, cfg, best)
+                    best = r["median_ms"] if best is None else min(best, r["median_ms"])
+                    r.update(shape=[in_f, out_f], dtype_or_bits=name, group_size=None, backend="dense", path="dense",
+                             batch=batch, cache=cache if rot.cold or cache == "warm" else "cold_partial",
+                             floor_ms=rot.nbytes / (bw_gbs * 1e9) * 1e3)
                     results.append(r)
-                    log(f"  ({in_f},{out_f}) batch {batch} W{bits} {backend}: {r['median_ms']:.3f} ms "
-                        f"(floor {r['floor_ms']:.3f})")
-                ql.prepare("reference")  # drop the prepared copies before the next bit width
+                    log(f"  ({in_f},{out_f}) M={batch} {cache} dense {name}: {r['median_ms']:.3f} ms "
+                        f"(floor {r['floor_ms']:.3f}, {r['copies']} copies)")
+                for (bits, layout, c), (ql, use, rot) in quant.items():
+                    if c != cache:
+                        continue
+                    for backend in use:
+                        ql.prepare(backend, prefill_from=cfg.prefill_from)  # the kernel layout is reused
+                        ql._prepared = rot.copies[0]
+
+                        def call(p, ql=ql):
+                            ql._prepared = p
+                            ql(x)
+
+                        r = _measure(call, rot, cfg, best)
+                        r.update(shape=[in_f, out_f], dtype_or_bits=bits, group_size=cfg.group_size, backend=backend,
+                                 path=ql.path(batch) if backend == "auto" else backend, batch=batch,
+                                 cache=cache if rot.cold or cache == "warm" else "cold_partial",
+                                 floor_ms=quant_bytes(in_f, out_f, bits, cfg.group_size) / (bw_gbs * 1e9) * 1e3)
+                        results.append(r)
+                        log(f"  ({in_f},{out_f}) M={batch} {cache} W{bits} {backend} ({r['path']}): "
+                            f"{r['median_ms']:.3f} ms (floor {r['floor_ms']:.3f}, {r['copies']} copies)")
         del dense, quant
     return results
 
@@ -131,35 +270,76 @@ def _tensor_bytes(model) -> int:
     return n
 
 
-def bench_decode(model_path: str, cfg, log=print) -> list[dict]:
-    """Batch-1 greedy decode tokens/s: FP (each dense dtype) and RTN-packed at each bit width."""
+def demo_inputs(processor, n: int = 1, seed: int = 0) -> dict:
+    """``n`` rendered image questions of the demo task (fresh scenes of their own split), batched by
+    ``processor``: what the end-to-end benchmark and the kernel tests feed a model."""
+    import io
+
+    from PIL import Image
+
+    from vlmq.demo.data import SceneSpec, make_eval_rows
+    from vlmq.demo.tokenizer import user_prompt
+
+    rows = make_eval_rows(1, seed, SceneSpec(), set(), split="latency")
+    texts = [processor.apply_chat_template(user_prompt(q), add_generation_prompt=True, tokenize=False)
+             for q in rows["question"][:n]]
+    images = [Image.open(io.BytesIO(im["bytes"])).convert("RGB") for im in rows["image"][:n]]
+    return dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
+
+
+class _Evictor:
+    """Reads a buffer of ``factor`` × LLC between runs: the next run starts with cold caches."""
+
+    def __init__(self, llc: int, factor: float):
+        self.buf = torch.ones(int(factor * llc) // 4 + 1)
+
+    def __call__(self):
+        float(self.buf.sum())
+
+
+def bench_end_to_end(model_path: str, cfg, log=print) -> list[dict]:
+    """Batch-1 image question: time to first token and decode tokens/s, FP vs RTN-packed W``bits``
+    (``auto`` backend), cold."""
     from vlmq.checkpoint import load_packed, write_packed
     from vlmq.models import load_model
-    from vlmq.qlinear import available_backends
     from vlmq.quant import rtn
 
     model, processor, adapter = load_model(model_path)
     tok = processor.tokenizer
-    ids = tok(["<|im_start|>user\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n"],
-              return_tensors="pt")["input_ids"]
-    gen_kw = dict(max_new_tokens=cfg.decode_tokens, min_new_tokens=cfg.decode_tokens, do_sample=False,
-                  pad_token_id=tok.pad_token_id)
+    inputs = demo_inputs(processor, 1, seed=0)
+    evict = _Evictor(llc_bytes(), cfg.cold_llc_factor)
+    kw = dict(do_sample=False, pad_token_id=tok.pad_token_id)
 
-    def run(m, label, dtype_or_bits, backend, disk_bytes):
-        m.eval()
+    def timed(m, new_tokens):
+        ts = []
         with torch.no_grad():
-            r = _time(lambda: m.generate(input_ids=ids, **gen_kw), cfg.decode_runs, 1)
-        r.update(model=str(model_path), dtype_or_bits=dtype_or_bits, backend=backend, batch=1,
-                 tokens=cfg.decode_tokens, tokens_per_s=cfg.decode_tokens / (r["median_ms"] * 1e-3),
-                 disk_bytes=disk_bytes, resident_bytes=_tensor_bytes(m))
-        log(f"  decode {label}: {r['tokens_per_s']:.1f} tok/s, resident {r['resident_bytes'] / 1e6:.1f} MB")
+            m.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)  # warm-up
+            for _ in range(cfg.decode_runs):
+                evict()
+                t0 = time.perf_counter()
+                m.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+                ts.append((time.perf_counter() - t0) * 1e3)
+        return _stats(ts)
+
+    def run(m, label, weights, backend, disk_bytes):
+        m.eval()
+        ttft = timed(m, 1)
+        full = timed(m, 1 + cfg.decode_tokens)
+        decode_ms = max(full["median_ms"] - ttft["median_ms"], 1e-9)
+        r = {"model": str(model_path), "weights": weights, "backend": backend, "batch": 1, "cache": "cold",
+             "prompt_tokens": int(inputs["input_ids"].shape[1]),
+             "ttft_ms": ttft["median_ms"], "ttft_p10_ms": ttft["p10_ms"], "ttft_p90_ms": ttft["p90_ms"],
+             "decode_tokens": cfg.decode_tokens, "decode_ms": decode_ms,
+             "decode_tokens_per_s": cfg.decode_tokens / (decode_ms * 1e-3), "runs": cfg.decode_runs,
+             "disk_bytes": disk_bytes, "resident_bytes": _tensor_bytes(m)}
+        log(f"  end to end {label}: TTFT {r['ttft_ms']:.1f} ms ({r['prompt_tokens']} prompt tokens), "
+            f"decode {r['decode_tokens_per_s']:.1f} tok/s, resident {r['resident_bytes'] / 1e6:.1f} MB")
         return r
 
     out = []
     fp_disk = sum(p.stat().st_size for p in Path(model_path).glob("*.safetensors"))
     for name in cfg.dense_dtypes:
-        m = model.to(DTYPES[name])
-        out.append(run(m, name, name, "dense", fp_disk))
+        out.append(run(model.to(DTYPES[name]), name, name, "dense", fp_disk))
     model = model.float()
     with tempfile.TemporaryDirectory() as tmp:
         for bits in cfg.bits:
@@ -173,17 +353,52 @@ def bench_decode(model_path: str, cfg, log=print) -> list[dict]:
             d = Path(tmp) / f"w{bits}"
             write_packed(model, processor, adapter, solved, d, bits=bits, group_size=cfg.group_size, sym=False,
                          desc_act=False, method="rtn")
-            disk = (d / "model.safetensors").stat().st_size
-            for backend in cfg.backends:
-                if backend not in available_backends(bits):
-                    continue
-                qm, _, _ = load_packed(d, backend=backend, load_processor=False)
-                out.append(run(qm, f"W{bits} {backend}", bits, backend, disk))
-                del qm
+            qm, _, _ = load_packed(d, backend="auto", load_processor=False, prefill_from=cfg.prefill_from)
+            out.append(run(qm, f"W{bits} auto", bits, "auto", (d / "model.safetensors").stat().st_size))
+            del qm
     return out
 
 
-def run_benchmark(params_path=None, model_path: str | None = None, out: str | None = None, log=print) -> dict:
+def plot_sweep(report: dict, path: str | Path) -> Path:
+    """Latency against rows per call, one panel per shape: the fastest dense FP and each bit width's
+    ``auto`` backend, cold (solid) and warm (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stages.common import atomic_path
+
+    res = report["results"]
+    shapes = sorted({tuple(r["shape"]) for r in res}, key=lambda s: s[0] * s[1])
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.8), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for cache, style in (("cold", "-"), ("warm", "--")):
+            rows = [r for r in res if tuple(r["shape"]) == shape and r["cache"].startswith(cache)]
+            ms = sorted({r["batch"] for r in rows})
+            dense = [min(r["median_ms"] for r in rows if r["batch"] == m and r["backend"] == "dense") for m in ms]
+            ax.plot(ms, dense, style, color="black", marker="o", ms=3, label=f"dense FP (fastest) {cache}")
+            for bits, color in zip(sorted({r["dtype_or_bits"] for r in rows if r["backend"] == "auto"}),
+                                   ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+                pts = [(r["batch"], r["median_ms"]) for r in rows if r["backend"] == "auto" and r["dtype_or_bits"] == bits]
+                if pts:
+                    pts.sort()
+                    ax.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=f"W{bits}g128 auto {cache}")
+        ax.set(xscale="log", yscale="log", xlabel="rows per call (M)", ylabel="ms per call", title=f"(in, out) = {shape}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    m = report["machine"]
+    fig.suptitle(f"{m.get('cpu')} ({m.get('torch_threads')} threads, kernel {m.get('kernel_isa')}, "
+                 f"LLC {m.get('llc_bytes', 0) / 2**20:.0f} MiB)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def run_benchmark(params_path=None, model_path: str | None = None, out: str | None = None, log=print,
+                  sweep: bool = False) -> dict:
     from stages.common import write_json
     from stages.params import load_params
 
@@ -195,9 +410,14 @@ def run_benchmark(params_path=None, model_path: str | None = None, out: str | No
     bw = memory_bandwidth_gbs()
     info["memory_bandwidth_gbs"] = round(bw, 2)
     log(f"machine: {info}")
-    results = bench_linears(cfg, bw, log)
-    decode = bench_decode(model_path or params.model.path, cfg, log)
-    report = {"machine": info, "params": cfg.model_dump(), "results": results, "decode": decode}
+    results = bench_linears(cfg, bw, cfg.sweep.batches if sweep else None, log)
+    report = {"machine": info, "params": cfg.model_dump(), "results": results}
+    if sweep:
+        report["command"] = "python -m benchmarks.latency --sweep"
+        write_json(out or cfg.sweep.out, report)
+        plot_sweep(report, cfg.sweep.plot)
+        return report
+    report["end_to_end"] = bench_end_to_end(model_path or params.model.path, cfg, log)
     write_json(out or cfg.out, report)
     return report
 
@@ -205,8 +425,9 @@ def run_benchmark(params_path=None, model_path: str | None = None, out: str | No
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=None)
+    ap.add_argument("--sweep", action="store_true", help="the batch sweep of latency.sweep (report + plot)")
     a = ap.parse_args(argv)
-    run_benchmark(a.params)
+    run_benchmark(a.params, sweep=a.sweep)
 
 
 if __name__ == "__main__":

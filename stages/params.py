@@ -147,6 +147,21 @@ class PackParams(_Strict):
     checkpoint_format: Literal["auto", "gptq", "gptq_v2"] = "auto"  # auto: v1 unless a zero point is 0
 
 
+class LatencySweepParams(_Strict):
+    """The long batch sweep (``python -m benchmarks.latency --sweep``): a committed report + plot."""
+
+    batches: list[int] = [1, 4, 16, 64, 256, 1024]
+    out: str = "reports/bench/latency_sweep.json"
+    plot: str = "reports/bench/latency_sweep.png"
+
+    @field_validator("batches")
+    @classmethod
+    def _positive(cls, v):
+        if not v or min(v) < 1:
+            raise ValueError("batches: a non-empty list of positive row counts")
+        return v
+
+
 class LatencyParams(_Strict):
     """Kernel-backed latency benchmark (``stages.latency`` / ``benchmarks/latency.py``)."""
 
@@ -154,14 +169,28 @@ class LatencyParams(_Strict):
     bits: list[Literal[2, 3, 4, 8]] = [4, 3, 2]
     group_size: int = 128
     batches: list[int] = [1, 16]
-    dense_dtypes: list[Literal["float32", "bfloat16", "float16"]] = ["float32", "bfloat16"]
-    backends: list[Literal["aten_int4", "cpu_fused", "dequant", "reference"]] = ["aten_int4", "cpu_fused"]
-    runs: int = Field(20, ge=3)
-    warmup: int = Field(3, ge=0)
+    cache: list[Literal["cold", "warm"]] = ["cold", "warm"]
+    cold_llc_factor: float = Field(2.0, ge=1.0)   # cold: the rotated copies hold >= this x the LLC
+    cold_ram_fraction: float = Field(0.1, gt=0, le=0.5)  # ... and at most this share of available RAM
+    dense_dtypes: list[Literal["float32", "bfloat16", "float16"]] = ["float32", "bfloat16", "float16"]
+    backends: list[Literal["auto", "aten_int4", "cpu_fused", "cpu_tiled", "dequant", "reference"]] = [
+        "auto", "cpu_fused", "cpu_tiled", "aten_int4"]
+    prefill_from: int = Field(16, ge=1)  # backend auto: calls with >= this many rows run cpu_tiled
+    runs: int = Field(10, ge=3)
+    warmup: int = Field(2, ge=0)
+    seconds_per_row: float = Field(1.0, gt=0)  # fewer runs (>= 3) where one call is slow
     threads: int | None = None     # torch threads (null = torch's default)
-    decode_tokens: int = Field(32, ge=1)   # end-to-end greedy decode of the model, tokens per run
+    decode_tokens: int = Field(32, ge=1)   # end to end: greedy tokens after the first, batch 1
     decode_runs: int = Field(5, ge=1)
     out: str = "reports/latency.json"
+    sweep: LatencySweepParams = LatencySweepParams()
+
+    @field_validator("batches")
+    @classmethod
+    def _positive(cls, v):
+        if not v or min(v) < 1:
+            raise ValueError("batches: a non-empty list of positive row counts")
+        return v
 
 
 class DemoDataParams(_Strict):

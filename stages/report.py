@@ -276,27 +276,44 @@ def latency_tables(latency_file: Path, pack_file: Path) -> str:
         if key not in lat:
             raise ReportError(f"report: {latency_file} lacks '{key}'")
     m = lat["machine"]
+    llc = f", LLC {m['llc_bytes'] / 2**20:.0f} MiB" if m.get("llc_bytes") else ""
     md += (f"\n## Latency (paper Table 11 shapes; {m.get('cpu')}, {m.get('torch_threads')} threads, "
-           f"memory bandwidth {m.get('memory_bandwidth_gbs')} GB/s, cpu_fused kernel {m.get('kernel_isa', '?')})\n\n")
-    md += "Median of the timed runs [p10, p90]; floor = bytes read / measured bandwidth; speed-up vs the fastest dense FP path of the same shape and batch.\n\n"
-    md += "| shape (in, out) | batch | weights | backend | median ms [p10, p90] | floor ms | speed-up |\n|---|---|---|---|---|---|---|\n"
+           f"memory bandwidth {m.get('memory_bandwidth_gbs')} GB/s{llc}, kernel {m.get('kernel_isa', '?')})\n\n")
+    md += ("Median of the timed runs [p10, p90]; M = rows per call; cold = every call reads a weight copy "
+           "that is not in cache (rotated copies > the LLC), warm = one copy again and again; floor = bytes "
+           "read / measured bandwidth; speed-up vs the fastest dense FP of the same shape, M and cache. "
+           "`auto` runs the path in brackets.\n\n")
+    md += ("| shape (in, out) | M | cache | weights | backend | median ms [p10, p90] | floor ms | speed-up |\n"
+           "|---|---|---|---|---|---|---|---|\n")
     res = lat["results"]
+    key = lambda r: (tuple(r["shape"]), r["batch"], r.get("cache", "warm"))  # noqa: E731
     best_dense: dict[tuple, float] = {}
     for r in res:
         if r["backend"] == "dense":
-            k = (tuple(r["shape"]), r["batch"])
-            best_dense[k] = min(best_dense.get(k, math.inf), r["median_ms"])
+            best_dense[key(r)] = min(best_dense.get(key(r), math.inf), r["median_ms"])
     for r in res:
         w = r["dtype_or_bits"] if r["backend"] == "dense" else f"W{r['dtype_or_bits']}g{r['group_size']}"
-        sp = best_dense[(tuple(r["shape"]), r["batch"])] / r["median_ms"]
-        md += (f"| ({r['shape'][0]}, {r['shape'][1]}) | {r['batch']} | {w} | {r['backend']} | "
+        b = r["backend"] if r.get("path", r["backend"]) == r["backend"] else f"{r['backend']} ({r['path']})"
+        sp = best_dense[key(r)] / r["median_ms"]
+        md += (f"| ({r['shape'][0]}, {r['shape'][1]}) | {r['batch']} | {r.get('cache', 'warm')} | {w} | {b} | "
                f"{r['median_ms']:.3f} [{r['p10_ms']:.3f}, {r['p90_ms']:.3f}] | {r['floor_ms']:.3f} | {sp:.2f}x |\n")
-    if lat.get("decode"):
-        md += "\n### End-to-end decode (batch 1, greedy), size on disk and resident tensor memory\n\n"
-        md += "| weights | backend | tokens/s | disk MB | resident MB |\n|---|---|---|---|---|\n"
-        for r in lat["decode"]:
-            w = r["dtype_or_bits"] if r["backend"] == "dense" else f"W{r['dtype_or_bits']}"
-            md += (f"| {w} | {r['backend']} | {r['tokens_per_s']:.1f} | {r['disk_bytes'] / 1e6:.2f} | "
+    if lat.get("end_to_end"):
+        e2e = lat["end_to_end"]
+        fp = [r for r in e2e if r["backend"] == "dense"]
+        ttft_fp = min(r["ttft_ms"] for r in fp) if fp else math.nan
+        dec_fp = max(r["decode_tokens_per_s"] for r in fp) if fp else math.nan
+        r0 = e2e[0]
+        md += (f"\n### End to end: one image question at batch 1, cold ({r0['prompt_tokens']} prompt tokens, "
+               f"{r0['decode_tokens']} decoded tokens)\n\n")
+        md += ("Time to first token (the prefill) and decode speed; ratios vs the fastest FP dtype "
+               "(TTFT: FP / this, > 1 = faster).\n\n")
+        md += ("| weights | backend | TTFT ms [p10, p90] | TTFT speed-up | decode tokens/s | decode speed-up | "
+               "disk MB | resident MB |\n|---|---|---|---|---|---|---|---|\n")
+        for r in e2e:
+            w = r["weights"] if r["backend"] == "dense" else f"W{r['weights']}"
+            md += (f"| {w} | {r['backend']} | {r['ttft_ms']:.1f} [{r['ttft_p10_ms']:.1f}, {r['ttft_p90_ms']:.1f}] | "
+                   f"{ttft_fp / r['ttft_ms']:.2f}x | {r['decode_tokens_per_s']:.1f} | "
+                   f"{r['decode_tokens_per_s'] / dec_fp:.2f}x | {r['disk_bytes'] / 1e6:.2f} | "
                    f"{r['resident_bytes'] / 1e6:.2f} |\n")
     return md
 

@@ -87,6 +87,8 @@ def test_cpu_fused_every_instruction_set_matches_float64_reference(bits):
 
 
 def _check_isas(bits, isas, cases, g):
+    from vlmq.kernels import gptq_cpu
+
     for out_f, in_f, gs, act_order, batch in cases:
         W = torch.randn(out_f, in_f, generator=g)
         q, s, z, g_idx = rtn(W, bits, gs)
@@ -100,10 +102,24 @@ def _check_isas(bits, isas, cases, g):
         x = torch.randn(batch, in_f, generator=g) * torch.rand(in_f, generator=g) * 4  # uneven channels
         ref = x.double() @ Wd.T
         for isa in isas:
-            y = ql.prepare("cpu_fused", isa=isa)(x)
-            assert y.shape == (batch, out_f) and y.dtype == torch.float32
-            assert _rel(y, ref) < 1e-5, (isa, out_f, in_f, gs, act_order, batch, _rel(y, ref))
+            for backend in ("cpu_fused", "cpu_tiled"):
+                y = ql.prepare(backend, isa=isa)(x)
+                assert y.shape == (batch, out_f) and y.dtype == torch.float32
+                assert _rel(y, ref) < 1e-5, (backend, isa, out_f, in_f, gs, act_order, batch, _rel(y, ref))
+            # the tiled path's tile shapes: units of 1 or 3 blocks (column tails), input chunks of
+            # 32 or 96 (K tails), against the same float64 reference
+            p, group = ql._prepared, ql._group
+            xp = x.index_select(1, p["perm"]) if "perm" in p else x
+            for cols, kc in ((1, 32), (3, 96)):
+                y = gptq_cpu().gptq_gemm_tiled(xp.contiguous(), p["qweight"], p["scales"], p["zeros"], bits, group,
+                                               out_f, isa, cols, kc)
+                assert _rel(y, ref) < 1e-5, (isa, cols, kc, out_f, in_f, gs, batch, _rel(y, ref))
         assert torch.equal(ql.prepare("cpu_fused", isa=None)(x), ql.prepare("cpu_fused", isa=isas[0])(x))
+        # auto: the fused kernel below prefill_from rows, the tiled path from it on, bit for bit
+        auto = ql.prepare("auto", prefill_from=batch)
+        assert (auto.path(batch - 1), auto.path(batch)) == ("cpu_fused", "cpu_tiled") and "cpu_tiled from" in repr(auto)
+        assert torch.equal(auto(x), ql.prepare("cpu_tiled")(x))
+        assert torch.equal(ql.prepare("auto", prefill_from=batch + 1)(x), ql.prepare("cpu_fused")(x))
 
 
 def test_kernel_isa_override_auto_order_and_fallbacks(monkeypatch):
@@ -115,11 +131,16 @@ def test_kernel_isa_override_auto_order_and_fallbacks(monkeypatch):
     monkeypatch.setenv("VLMQ_KERNEL_ISA", "no-such-isa")
     assert kernel_isa() == best
     monkeypatch.delenv("VLMQ_KERNEL_ISA")
-    # auto = the measured fastest: the AVX-512 kernel beats aten_int4 at 4 bits, its other copies do not
-    order = available_backends(4)
-    assert order.index("cpu_fused") < order.index("aten_int4") if best == "avx512" else (
-        order.index("aten_int4") < order.index("cpu_fused"))
-    assert available_backends(3)[0] == "cpu_fused"
+    # auto: the float32 kernel first at every bit width (faster than aten_int4 at batch 1 with AVX2 and
+    # AVX-512, README); aten_int4 (bfloat16 activations) is listed but never auto's choice
+    assert available_backends(4) == ["cpu_fused", "cpu_tiled", "aten_int4", "dequant", "reference"]
+    assert available_backends(3) == ["cpu_fused", "cpu_tiled", "dequant", "reference"]
+    ql = QuantLinear(128, 32, 4, 64, False)
+    ql.g_idx.copy_(torch.arange(128) // 64)
+    assert ql.prepare("auto").backend == "cpu_fused" and ql.path(10**6) == "cpu_tiled"
+    assert ql.prepare("cpu_fused").path(10**6) == "cpu_fused" and ql.prepare("cpu_tiled").path(1) == "cpu_tiled"
+    with pytest.raises(ValueError, match="prefill_from=0"):
+        ql.prepare("auto", prefill_from=0)
     with pytest.raises(ValueError, match="isa='sse9'"):
         QuantLinear(128, 32, 3, 64, False).prepare("cpu_fused", isa="sse9")
     # the kernel checks its layout
@@ -280,8 +301,9 @@ def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tm
               "cache": {"dtype": "float32"},
               "quant": {"method": "gptaq", "bits": 4, "group_size": 64, "act_order": True},
               "latency": {"shapes": [[256, 128]], "bits": [4, 2], "group_size": 64, "batches": [1, 4], "runs": 3,
-                          "warmup": 1, "decode_tokens": 3, "decode_runs": 1,
-                          "backends": ["aten_int4", "dequant", "reference"]}}
+                          "warmup": 1, "decode_tokens": 3, "decode_runs": 1, "prefill_from": 4,
+                          "dense_dtypes": ["float32", "bfloat16"],
+                          "backends": ["auto", "aten_int4", "dequant", "reference"]}}
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump(params))
     prepare_calib(p)
@@ -311,15 +333,24 @@ def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tm
     from benchmarks.latency import run_benchmark
 
     rep = run_benchmark(p, out=str(tmp_path / "reports" / "latency.json"), log=lambda s: None)
-    kinds = {(r["dtype_or_bits"], r["backend"], r["batch"]) for r in rep["results"]}
-    assert ("float32", "dense", 1) in kinds and (4, "aten_int4", 4) in kinds and (2, "dequant", 1) in kinds
+    kinds = {(r["dtype_or_bits"], r["backend"], r["path"], r["batch"], r["cache"]) for r in rep["results"]}
+    for cache in ("cold", "warm"):
+        assert {("float32", "dense", "dense", 1, cache), (4, "aten_int4", "aten_int4", 4, cache),
+                (2, "dequant", "dequant", 1, cache), (2, "auto", "cpu_fused", 1, cache),
+                (2, "auto", "cpu_tiled", 4, cache)} <= kinds, kinds
     assert all(r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["floor_ms"] > 0 for r in rep["results"])
-    assert {r["dtype_or_bits"] for r in rep["decode"]} == {"float32", "bfloat16", 4, 2}
-    w4 = [r for r in rep["decode"] if r["dtype_or_bits"] == 4][0]
-    fp = [r for r in rep["decode"] if r["dtype_or_bits"] == "float32"][0]
-    assert w4["disk_bytes"] < fp["disk_bytes"]
+    # cold: copies rotated through more than twice the last-level cache; warm: one copy
+    llc = rep["machine"]["llc_bytes"]
+    assert llc > 0 and all(r["rotation_bytes"] >= (2 * llc if r["cache"] == "cold" else 0) for r in rep["results"]
+                           if r["cache"] != "cold_partial" and r["backend"] != "reference")
+    assert all(r["copies"] == 1 for r in rep["results"] if r["cache"] == "warm")
+    e2e = rep["end_to_end"]
+    assert [(r["weights"], r["backend"]) for r in e2e] == [("float32", "dense"), ("bfloat16", "dense"), (4, "auto"),
+                                                           (2, "auto")]
+    assert all(r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["prompt_tokens"] > 16 for r in e2e)
+    assert e2e[2]["disk_bytes"] < e2e[0]["disk_bytes"]
     md = latency_tables(tmp_path / "reports" / "latency.json", tmp_path / "reports" / "pack.json")
-    assert "| (256, 128) | 1 | W4g64 | aten_int4 |" in md and "End-to-end decode" in md
+    assert "| (256, 128) | 4 | cold | W2g64 | auto (cpu_tiled) |" in md and "End to end: one image question" in md
 
 
 def test_checkpoint_in_the_legacy_key_layout_of_other_gptq_tools_loads(tiny_vlm, tmp_path):

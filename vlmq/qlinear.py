@@ -17,15 +17,24 @@ s[o, g_idx[i]]`` through one of these backends:
   (:func:`vlmq.kernels.kernel_isa`; ``prepare(..., isa=...)`` forces one). Needs contiguous groups
   whose size is a multiple of 32 (act_order is handled by the same load-time permutation as
   ``aten_int4``).
+* ``cpu_tiled`` — the prefill path, same layout and bit widths as ``cpu_fused``: each thread
+  dequantizes tiles of the packed words (128 output columns × 1024 inputs, float32, in its cache)
+  and multiplies them with torch's GEMM (MKL/oneDNN). The decode is paid once per weight, not once
+  per weight and group of 4 rows, so at many rows (prefill) it runs at the GEMM's speed.
+  Float32 on purpose: bfloat16 tiles (AMX/AVX-512-BF16 machines) move the demo model's logits by
+  ~2e-2 relative from the bfloat16 rounding of the weights alone (README), above the 1e-3 the
+  kernels are held to.
 * ``aten_int4`` — 4-bit only: PyTorch's CPU int4 weight-packed matmul
   (``aten._weight_int4pack_mm_for_cpu``, bf16 activations). GPTQ's integer zero point ``z`` maps
   to the kernel's float offset ``(8 − z)·s`` exactly, because ``(q − z)·s = (q − 8)·s + (8 − z)·s``.
   With ``act_order`` (a non-monotone ``g_idx``) the input columns are permuted once at load so
   that every group is contiguous, and ``x`` is gathered by the same permutation at run time.
 
-:func:`available_backends` says which backends apply to a bit width on this machine, fastest
-first (measured order, README "Packed checkpoints and kernels"); ``backend="auto"`` takes the
-first that accepts the layer.
+:func:`available_backends` says which backends apply to a bit width on this machine, in the order
+``backend="auto"`` tries them; it takes the first that accepts the layer. With the compiled kernel
+that is ``cpu_fused`` *per call by the number of rows*: below ``prefill_from`` rows (decode) the
+fused kernel, from it on (prefill) ``cpu_tiled`` (crossover measured, README "Kernels").
+``aten_int4`` (bfloat16 activations: ~1e-2 from the reference) is never chosen by ``auto``.
 """
 
 from __future__ import annotations
@@ -36,8 +45,10 @@ import torch.nn.functional as F
 
 from vlmq.pack import unpack_linear
 
-BACKENDS = ("auto", "reference", "dequant", "aten_int4", "cpu_fused")
+BACKENDS = ("auto", "reference", "dequant", "aten_int4", "cpu_fused", "cpu_tiled")
 KERNEL_BLOCK = 64  # output columns per block of the cpu_fused layout (NB in gptq_cpu.cpp)
+PREFILL_FROM = 16  # backend="auto": rows per call from which cpu_tiled runs (params `latency.prefill_from`)
+TILE_COLS, TILE_K = 2, 1024  # cpu_tiled: kernel blocks (of 64 columns) and inputs per dequantized tile
 
 
 def _has_cpu_fused() -> bool:
@@ -52,28 +63,19 @@ def _has_aten_int4() -> bool:
 
 
 def available_backends(bits: int, device: str = "cpu") -> list[str]:
-    """Backends that can run ``bits``-bit weights on ``device``, fastest first.
+    """Backends that can run ``bits``-bit weights on ``device``, in ``auto``'s order.
 
-    The order is the one measured at batch 1 (README): ``cpu_fused`` with AVX-512 beats
-    ``aten_int4`` at 4 bits; its AVX2 and portable copies do not, so at 4 bits they come after it.
+    ``cpu_fused`` (with ``cpu_tiled`` for prefill) first: float32 and faster than ``aten_int4`` at
+    batch 1 with AVX2 and AVX-512 alike (README); ``aten_int4`` (4 bits) is listed for an explicit
+    choice and skipped by ``auto``.
     """
     out = []
     if device == "cpu":
-        aten = bits == 4 and _has_aten_int4()
-        fused = _has_cpu_fused()
-        if fused and (not aten or _kernel_isa() == "avx512"):
-            out.append("cpu_fused")
-        if aten:
+        if _has_cpu_fused():
+            out += ["cpu_fused", "cpu_tiled"]
+        if bits == 4 and _has_aten_int4():
             out.append("aten_int4")
-        if fused and "cpu_fused" not in out:
-            out.append("cpu_fused")
     return out + ["dequant", "reference"]
-
-
-def _kernel_isa() -> str | None:
-    from vlmq.kernels import kernel_isa
-
-    return kernel_isa()
 
 
 class QuantLinear(nn.Module):
@@ -91,12 +93,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.backend = "reference"
+        self._prefill_from: int | None = None  # set by prepare("auto") on the kernel: see path()
         self.compute_dtype = torch.float32
         self._prepared: dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
+        backend = self.backend if self._prefill_from is None else (
+            f"auto (cpu_fused below {self._prefill_from} rows, cpu_tiled from {self._prefill_from})")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, backend={self.backend}")
+                f"group_size={self.group_size}, backend={backend}")
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(int_weight [out, in], scales [out, G] float32, zeros [out, G], g_idx [in])``."""
@@ -111,28 +116,37 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def prepare(self, backend: str = "auto", compute_dtype: torch.dtype | None = None,
-                isa: str | None = None) -> "QuantLinear":
+                isa: str | None = None, prefill_from: int = PREFILL_FROM) -> "QuantLinear":
         """Convert the stored tensors to ``backend``'s layout (once, after loading).
 
         ``auto`` tries :func:`available_backends` in order and takes the first one that accepts this
         layer (e.g. ``cpu_fused`` and ``aten_int4`` need equal groups of a multiple of 32 columns).
-        ``isa`` (``cpu_fused`` only): force the kernel's instruction set (``avx512``, ``avx2``,
-        ``generic``; default: the best this CPU runs, :func:`vlmq.kernels.kernel_isa`).
+        ``isa`` (``cpu_fused``/``cpu_tiled``): force the kernel's instruction set (``avx512``,
+        ``avx2``, ``generic``; default: the best this CPU runs, :func:`vlmq.kernels.kernel_isa`).
+        ``prefill_from`` (``auto`` only): calls with at least this many rows run ``cpu_tiled``, fewer
+        ``cpu_fused``.
         """
+        if prefill_from < 1:
+            raise ValueError(f"prefill_from={prefill_from}: must be >= 1")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         ok = available_backends(self.bits, self.qweight.device.type)
         if backend == "auto":
-            for cand in ok:
+            cands = [c for c in ok if c not in ("aten_int4", "cpu_tiled")]
+            for cand in cands:
                 try:
-                    return self.prepare(cand, compute_dtype, isa)
+                    self.prepare(cand, compute_dtype, isa)
                 except ValueError:
-                    if cand == ok[-1]:
+                    if cand == cands[-1]:
                         raise
+                    continue
+                self._prefill_from = prefill_from if cand == "cpu_fused" else None
+                return self
         elif backend not in ok:
             raise ValueError(f"backend {backend!r} cannot run {self.bits}-bit weights on "
                              f"{self.qweight.device.type}; available: {ok}")
-        if isa is not None and backend == "cpu_fused":
+        kernel = backend in ("cpu_fused", "cpu_tiled")
+        if isa is not None and kernel:
             from vlmq.kernels import kernel_isas
 
             if isa not in kernel_isas():
@@ -142,11 +156,14 @@ class QuantLinear(nn.Module):
         if backend == "dequant":
             dtype = compute_dtype or torch.float32
             prepared["weight"] = self.dequantized().to(dtype)
-        elif backend == "cpu_fused":
+        elif kernel:
             from vlmq.kernels import kernel_isa
 
             dtype = torch.float32
-            prepared.update(_cpu_fused_prepare(*self.unpacked(), self.group_size, self.bits, self.qweight))
+            if self.backend in ("cpu_fused", "cpu_tiled"):  # same layout: switching is free
+                prepared = self._prepared
+            else:
+                prepared.update(_cpu_fused_prepare(*self.unpacked(), self.group_size, self.bits, self.qweight))
             self._isa = isa or kernel_isa()
         elif backend == "aten_int4":
             dtype = torch.bfloat16
@@ -154,8 +171,14 @@ class QuantLinear(nn.Module):
         else:
             dtype = self.compute_dtype
         self._prepared, self._group, self.compute_dtype = prepared, group, dtype
-        self.backend = backend
+        self.backend, self._prefill_from = backend, None
         return self
+
+    def path(self, rows: int) -> str:
+        """The backend a call with ``rows`` rows runs (``auto`` on the kernel: by ``prefill_from``)."""
+        if self._prefill_from is not None and rows >= self._prefill_from:
+            return "cpu_tiled"
+        return self.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -170,11 +193,15 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if "perm" in p:
             x2 = x2.index_select(1, p["perm"])
-        if self.backend == "cpu_fused":
+        if self.backend in ("cpu_fused", "cpu_tiled"):
             from vlmq.kernels import gptq_cpu
 
-            y = gptq_cpu().gptq_gemm(x2.float().contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits,
-                                     self._group, self.out_features, self._isa)
+            args = (x2.float().contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits, self._group,
+                    self.out_features, self._isa)
+            if self.path(x2.shape[0]) == "cpu_tiled":
+                y = gptq_cpu().gptq_gemm_tiled(*args, TILE_COLS, TILE_K)
+            else:
+                y = gptq_cpu().gptq_gemm(*args)
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), p["packed"],

@@ -6,6 +6,15 @@
 // Not a standalone header: it expects `Job`, `NB` and the system/intrinsics headers from the
 // including file, and `V` in the enclosing namespace.
 
+// Value j of a run of 32 is decoded without its shift, as q 2^sh, when the traits ask for it
+// (V::PRESHIFT) and it lies inside one word below the top bits: the caller then passes x[k] 2^-sh
+// in place of x[k] (exact: powers of two), and the product is x q as before, bit for bit.
+template <int BITS>
+constexpr bool preshifted(int j) {
+  const int sh = (BITS * j) & 31;
+  return V::PRESHIFT && sh > 0 && sh + BITS < 32 && !(BITS == 3 && sh > 29);
+}
+
 // One chunk: MT rows of x (from row m0) times the VT * V::W columns of block `b` starting at column
 // c0 of the block. Group sums are accumulated in registers; the scale and zero point are applied
 // once per group: acc += s * sum_k(x_k q_k) - (z s) * sum_k(x_k).
@@ -20,9 +29,10 @@ inline void chunk(const Job& a, int64_t b, int64_t m0, int c0, float* out) {
   const float* x = a.x + m0 * a.K;
   const float* xs = a.xsum + m0 * a.G;
   const typename V::lut_t lut = V::template lut<BITS>();
-  typename V::vf acc[MT][VT];
+  // the running sums over groups live in `out` (touched once per group), so that the registers
+  // hold only the group's partial sums, the decoded weights and x: no spills in the inner loop
   for (int mi = 0; mi < MT; ++mi)
-    for (int t = 0; t < VT; ++t) acc[mi][t] = V::zero();
+    for (int t = 0; t < VT; ++t) V::store(out + mi * NB + c0 + t * W, V::zero());
   for (int64_t g = 0; g < a.G; ++g) {
     typename V::vf ag[NA][MT][VT];
     for (int h = 0; h < NA; ++h)
@@ -42,6 +52,8 @@ inline void chunk(const Job& a, int64_t b, int64_t m0, int c0, float* out) {
           typename V::vf q;
           if (BITS == 3 && sh > 29)  // values 10 and 21 of a 3-bit run straddle two words
             q = V::template lookup<BITS>(V::or_(V::srl(u, sh), V::sll(V::load(w + (word + 1) * NB + t * W), 32 - sh)), lut);
+          else if (preshifted<BITS>(j))  // q 2^sh in place (x was scaled by 2^-sh): no shift
+            q = V::template masked<BITS>(u, sh);
           else
             q = V::template decode<BITS>(u, sh, lut);
           for (int mi = 0; mi < MT; ++mi) ag[j % NA][mi][t] = V::fma(xv[mi], q, ag[j % NA][mi][t]);
@@ -54,12 +66,11 @@ inline void chunk(const Job& a, int64_t b, int64_t m0, int c0, float* out) {
       for (int mi = 0; mi < MT; ++mi) {
         typename V::vf sum = ag[0][mi][t];
         if (NA == 2) sum = V::add(sum, ag[NA - 1][mi][t]);
-        acc[mi][t] = V::fnma(zs, V::set1(xs[mi * a.G + g]), V::fma(sv, sum, acc[mi][t]));
+        float* o = out + mi * NB + c0 + t * W;
+        V::store(o, V::fnma(zs, V::set1(xs[mi * a.G + g]), V::fma(sv, sum, V::loadf(o))));
       }
     }
   }
-  for (int mi = 0; mi < MT; ++mi)
-    for (int t = 0; t < VT; ++t) V::store(out + mi * NB + c0 + t * W, acc[mi][t]);
 }
 
 template <int BITS, int MT, int VT>
@@ -87,6 +98,51 @@ inline BlockFn block_fn(int bits) {
     case 3: return &run_blocks<3>;
     case 4: return &run_blocks<4>;
     case 8: return &run_blocks<8>;
+    default: return nullptr;
+  }
+}
+
+// Prefill path: rows [k0, k1) (multiples of 32) of block b dequantized to float32,
+// out[(k - k0) * ld + c] = (q[k, c] - z[g(k), c]) * s[g(k), c] for the block's NB columns (the
+// same float32 operations as the reference backend, so the same values). A GEMM
+// library multiplies these tiles (gptq_gemm_tiled in gptq_cpu.cpp): at many rows the decode is
+// paid once per weight, not once per weight and row group as in `chunk`.
+template <int BITS>
+void dequant_rows(const Job& a, int64_t b, int64_t k0, int64_t k1, float* out, int64_t ld) {
+  constexpr int W = V::W;
+  const int64_t R = a.K * BITS / 32, rpg = a.group / 32;
+  const uint32_t* qb = a.qw + b * R * NB;
+  const uint16_t* sb = a.s + b * a.G * NB;
+  const uint8_t* zb = a.z + b * a.G * NB;
+  const typename V::lut_t lut = V::template lut<BITS>();
+  for (int64_t run = k0 / 32; run < k1 / 32; ++run) {
+    const int64_t g = run / rpg;
+    const uint32_t* w = qb + run * BITS * NB;
+    float* o = out + (run * 32 - k0) * ld;
+    for (int t = 0; t < NB / W; ++t) {
+      const typename V::vf sv = V::load_h(sb + g * NB + t * W);
+      const typename V::vf nz = V::fnma(V::set1(1.f), V::load_b(zb + g * NB + t * W), V::zero());  // -z
+#pragma GCC unroll 32
+      for (int j = 0; j < 32; ++j) {
+        const int off = BITS * j, word = off >> 5, sh = off & 31;
+        const typename V::vu u = V::load(w + word * NB + t * W);
+        typename V::vf q;
+        if (BITS == 3 && sh > 29)
+          q = V::template lookup<BITS>(V::or_(V::srl(u, sh), V::sll(V::load(w + (word + 1) * NB + t * W), 32 - sh)), lut);
+        else
+          q = V::template decode<BITS>(u, sh, lut);
+        V::store(o + j * ld + t * W, V::mul(V::add(q, nz), sv));  // (q - z) s: the reference's rounding
+      }
+    }
+  }
+}
+
+inline DequantFn dequant_fn(int bits) {
+  switch (bits) {
+    case 2: return &dequant_rows<2>;
+    case 3: return &dequant_rows<3>;
+    case 4: return &dequant_rows<4>;
+    case 8: return &dequant_rows<8>;
     default: return nullptr;
   }
 }
