@@ -27,6 +27,7 @@ like; the machine block records the CPU, its last-level cache and instruction-se
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import platform
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_COPIES = 2048
 FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 
 
@@ -150,7 +152,8 @@ class Rotation:
 
     def __init__(self, make_copy, nbytes: int, llc: int, factor: float, ram_cap: int, cold: bool):
         need = 1 + math.ceil(factor * llc / max(nbytes, 1)) if cold else 1
-        n = max(1, min(need, ram_cap // max(nbytes, 1))) if cold else 1
+        # capped by RAM, and at MAX_COPIES (toy shapes: thousands of tiny copies only cost set-up time)
+        n = max(1, min(need, ram_cap // max(nbytes, 1), MAX_COPIES)) if cold else 1
         self.copies = [make_copy(i) for i in range(n)]
         self.nbytes, self.cold = nbytes, cold and n >= need
         self.i = 0
@@ -310,52 +313,55 @@ def bench_end_to_end(model_path: str, cfg, log=print) -> list[dict]:
     evict = _Evictor(llc_bytes(), cfg.cold_llc_factor)
     kw = dict(do_sample=False, pad_token_id=tok.pad_token_id)
 
-    def timed(m, new_tokens):
-        ts = []
+    def once(m, new_tokens) -> float:
+        evict()
+        t0 = time.perf_counter()
         with torch.no_grad():
-            m.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)  # warm-up
-            for _ in range(cfg.decode_runs):
-                evict()
-                t0 = time.perf_counter()
-                m.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-                ts.append((time.perf_counter() - t0) * 1e3)
-        return _stats(ts)
+            m.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        return (time.perf_counter() - t0) * 1e3
 
-    def run(m, label, weights, backend, disk_bytes):
-        m.eval()
-        ttft = timed(m, 1)
-        full = timed(m, 1 + cfg.decode_tokens)
-        decode_ms = max(full["median_ms"] - ttft["median_ms"], 1e-9)
-        r = {"model": str(model_path), "weights": weights, "backend": backend, "batch": 1, "cache": "cold",
-             "prompt_tokens": int(inputs["input_ids"].shape[1]),
-             "ttft_ms": ttft["median_ms"], "ttft_p10_ms": ttft["p10_ms"], "ttft_p90_ms": ttft["p90_ms"],
-             "decode_tokens": cfg.decode_tokens, "decode_ms": decode_ms,
-             "decode_tokens_per_s": cfg.decode_tokens / (decode_ms * 1e-3), "runs": cfg.decode_runs,
-             "disk_bytes": disk_bytes, "resident_bytes": _tensor_bytes(m)}
-        log(f"  end to end {label}: TTFT {r['ttft_ms']:.1f} ms ({r['prompt_tokens']} prompt tokens), "
-            f"decode {r['decode_tokens_per_s']:.1f} tok/s, resident {r['resident_bytes'] / 1e6:.1f} MB")
-        return r
-
-    out = []
+    # every variant loaded first, then timed in turns (run 1 of each, run 2 of each, ...): drift of a
+    # shared machine spreads over all of them instead of favouring whichever ran in a quiet minute
+    variants = []  # (model, weights, backend, disk_bytes)
     fp_disk = sum(p.stat().st_size for p in Path(model_path).glob("*.safetensors"))
     for name in cfg.dense_dtypes:
-        out.append(run(model.to(DTYPES[name]), name, name, "dense", fp_disk))
-    model = model.float()
-    with tempfile.TemporaryDirectory() as tmp:
-        for bits in cfg.bits:
-            solved = []
-            for layer in adapter.decoder_layers(model):
-                t = {}
-                for name, lin in adapter.linears(layer).items():
-                    q, s, z, g = rtn(lin.weight, bits, cfg.group_size)
-                    t.update({f"{name}.int_weight": q, f"{name}.scales": s, f"{name}.zeros": z, f"{name}.g_idx": g})
-                solved.append(t)
-            d = Path(tmp) / f"w{bits}"
-            write_packed(model, processor, adapter, solved, d, bits=bits, group_size=cfg.group_size, sym=False,
-                         desc_act=False, method="rtn")
-            qm, _, _ = load_packed(d, backend="auto", load_processor=False, prefill_from=cfg.prefill_from)
-            out.append(run(qm, f"W{bits} auto", bits, "auto", (d / "model.safetensors").stat().st_size))
-            del qm
+        variants.append((copy.deepcopy(model).to(DTYPES[name]).eval(), name, "dense", fp_disk))
+    tmp = tempfile.TemporaryDirectory()  # kept until the timings are done (the packed models read from it)
+    for bits in cfg.bits:
+        solved = []
+        for layer in adapter.decoder_layers(model):
+            t = {}
+            for name, lin in adapter.linears(layer).items():
+                q, s, z, g = rtn(lin.weight, bits, cfg.group_size)
+                t.update({f"{name}.int_weight": q, f"{name}.scales": s, f"{name}.zeros": z, f"{name}.g_idx": g})
+            solved.append(t)
+        d = Path(tmp.name) / f"w{bits}"
+        write_packed(model, processor, adapter, solved, d, bits=bits, group_size=cfg.group_size, sym=False,
+                     desc_act=False, method="rtn")
+        qm, _, _ = load_packed(d, backend="auto", load_processor=False, prefill_from=cfg.prefill_from)
+        variants.append((qm.eval(), bits, "auto", (d / "model.safetensors").stat().st_size))
+    ttft = [[] for _ in variants]
+    full = [[] for _ in variants]
+    for m, *_ in variants:  # warm-up (kernel build, allocator, first-call paths)
+        once(m, 1 + cfg.decode_tokens)
+    for _ in range(cfg.decode_runs):
+        for i, (m, *_) in enumerate(variants):
+            ttft[i].append(once(m, 1))
+            full[i].append(once(m, 1 + cfg.decode_tokens))
+    out = []
+    for (m, weights, backend, disk), t1, tn in zip(variants, ttft, full):
+        a, b = _stats(t1), _stats(tn)
+        decode_ms = max(b["median_ms"] - a["median_ms"], 1e-9)
+        r = {"model": str(model_path), "weights": weights, "backend": backend, "batch": 1, "cache": "cold",
+             "prompt_tokens": int(inputs["input_ids"].shape[1]),
+             "ttft_ms": a["median_ms"], "ttft_p10_ms": a["p10_ms"], "ttft_p90_ms": a["p90_ms"],
+             "decode_tokens": cfg.decode_tokens, "decode_ms": decode_ms,
+             "decode_tokens_per_s": cfg.decode_tokens / (decode_ms * 1e-3), "runs": cfg.decode_runs,
+             "disk_bytes": disk, "resident_bytes": _tensor_bytes(m)}
+        log(f"  end to end {weights} {backend}: TTFT {r['ttft_ms']:.1f} ms ({r['prompt_tokens']} prompt tokens), "
+            f"decode {r['decode_tokens_per_s']:.1f} tok/s, resident {r['resident_bytes'] / 1e6:.1f} MB")
+        out.append(r)
+    tmp.cleanup()
     return out
 
 

@@ -165,7 +165,7 @@ class LatencySweepParams(_Strict):
 class LatencyParams(_Strict):
     """Kernel-backed latency benchmark (``stages.latency`` / ``benchmarks/latency.py``)."""
 
-    shapes: list[tuple[int, int]] = [(3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584)]  # (in, out)
+    shapes: list[tuple[int, int]] = [(3584, 4608), (3584, 3584), (3584, 18944), (3584, 37888), (18944, 3584)]
     bits: list[Literal[2, 3, 4, 8]] = [4, 3, 2]
     group_size: int = 128
     batches: list[int] = [1, 16]

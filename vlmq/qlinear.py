@@ -94,6 +94,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.backend = "reference"
         self._prefill_from: int | None = None  # set by prepare("auto") on the kernel: see path()
+        self._kernel = None  # the compiled extension, for cpu_fused / cpu_tiled
         self.compute_dtype = torch.float32
         self._prepared: dict[str, torch.Tensor] = {}
 
@@ -172,6 +173,12 @@ class QuantLinear(nn.Module):
             dtype = self.compute_dtype
         self._prepared, self._group, self.compute_dtype = prepared, group, dtype
         self.backend, self._prefill_from = backend, None
+        if kernel:
+            from vlmq.kernels import gptq_cpu
+
+            self._kernel = gptq_cpu()
+        else:
+            self._kernel = None
         return self
 
     def path(self, rows: int) -> str:
@@ -193,16 +200,16 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if "perm" in p:
             x2 = x2.index_select(1, p["perm"])
-        if self.backend in ("cpu_fused", "cpu_tiled"):
-            from vlmq.kernels import gptq_cpu
-
+        if self._kernel is not None:  # cpu_fused / cpu_tiled (a decode step: keep the Python path short)
             args = (x2.float().contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits, self._group,
                     self.out_features, self._isa)
-            if self.path(x2.shape[0]) == "cpu_tiled":
-                y = gptq_cpu().gptq_gemm_tiled(*args, TILE_COLS, TILE_K)
+            if self.backend == "cpu_tiled" or (self._prefill_from is not None and x2.shape[0] >= self._prefill_from):
+                y = self._kernel.gptq_gemm_tiled(*args, TILE_COLS, TILE_K)
             else:
-                y = gptq_cpu().gptq_gemm(*args)
-            y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+                y = self._kernel.gptq_gemm(*args)
+            y = y.reshape(*shape[:-1], self.out_features)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), p["packed"],
                                                        self._group, p["scales_and_zeros"])
