@@ -403,9 +403,35 @@ def plot_sweep(report: dict, path: str | Path) -> Path:
     return Path(path)
 
 
+def speedup_table(report: dict) -> str:
+    """Markdown: per shape, M and cache, the fastest dense FP and each bit width's ``auto`` speed-up
+    over it (> 1 = the quantized linear is faster), with the path ``auto`` ran."""
+    res = report["results"]
+    cache_of = lambda r: r["cache"].replace("cold_partial", "cold")  # noqa: E731
+    bits = sorted({r["dtype_or_bits"] for r in res if r["backend"] == "auto"}, reverse=True)
+    md = ("| shape (in, out) | M | cache | fastest dense | "
+          + " | ".join(f"W{b} auto" for b in bits) + " |\n|---|---|---|---|" + "---|" * len(bits) + "\n")
+    keys = sorted({(tuple(r["shape"]), r["batch"], cache_of(r)) for r in res},
+                  key=lambda k: (k[0][0] * k[0][1], k[0], k[1], k[2]))
+    for shape, m, cache in keys:
+        rows = [r for r in res if (tuple(r["shape"]), r["batch"], cache_of(r)) == (shape, m, cache)]
+        dense = [r for r in rows if r["backend"] == "dense"]
+        if not dense:
+            continue
+        best = min(dense, key=lambda r: r["median_ms"])
+        cells = []
+        for b in bits:
+            q = [r for r in rows if r["backend"] == "auto" and r["dtype_or_bits"] == b]
+            cells.append(f"{q[0]['median_ms']:.3g} ms, **{best['median_ms'] / q[0]['median_ms']:.2f}×** "
+                         f"({q[0]['path'].replace('cpu_', '')})" if q else "")
+        md += (f"| ({shape[0]}, {shape[1]}) | {m} | {cache} | {best['dtype_or_bits']} {best['median_ms']:.3g} ms | "
+               + " | ".join(cells) + " |\n")
+    return md
+
+
 def run_benchmark(params_path=None, model_path: str | None = None, out: str | None = None, log=print,
                   sweep: bool = False) -> dict:
-    from stages.common import write_json
+    from stages.common import atomic_path, write_json
     from stages.params import load_params
 
     params = load_params(params_path)
@@ -420,8 +446,10 @@ def run_benchmark(params_path=None, model_path: str | None = None, out: str | No
     report = {"machine": info, "params": cfg.model_dump(), "results": results}
     if sweep:
         report["command"] = "python -m benchmarks.latency --sweep"
-        write_json(out or cfg.sweep.out, report)
+        path = write_json(out or cfg.sweep.out, report)
         plot_sweep(report, cfg.sweep.plot)
+        with atomic_path(path.with_suffix(".md")) as tmp:
+            tmp.write_text(f"# Latency sweep ({report['command']})\n\n{report['machine']}\n\n" + speedup_table(report))
         return report
     report["end_to_end"] = bench_end_to_end(model_path or params.model.path, cfg, log)
     write_json(out or cfg.out, report)

@@ -107,13 +107,14 @@ def _check_isas(bits, isas, cases, g):
                 assert y.shape == (batch, out_f) and y.dtype == torch.float32
                 assert _rel(y, ref) < 1e-5, (backend, isa, out_f, in_f, gs, act_order, batch, _rel(y, ref))
             # the tiled path's tile shapes: units of 1 or 3 blocks (column tails), input chunks of
-            # 32 or 96 (K tails), against the same float64 reference
+            # 32 or 96 (K tails), and the wide tiles shared by all threads with rows split between
+            # them (split_from <= rows), against the same float64 reference
             p, group = ql._prepared, ql._group
             xp = x.index_select(1, p["perm"]) if "perm" in p else x
-            for cols, kc in ((1, 32), (3, 96)):
+            for cols, kc, split_from in ((1, 32, 0), (3, 96, 0), (2, 64, 1), (2, 1024, batch)):
                 y = gptq_cpu().gptq_gemm_tiled(xp.contiguous(), p["qweight"], p["scales"], p["zeros"], bits, group,
-                                               out_f, isa, cols, kc)
-                assert _rel(y, ref) < 1e-5, (isa, cols, kc, out_f, in_f, gs, batch, _rel(y, ref))
+                                               out_f, isa, cols, kc, split_from)
+                assert _rel(y, ref) < 1e-5, (isa, cols, kc, split_from, out_f, in_f, gs, batch, _rel(y, ref))
         assert torch.equal(ql.prepare("cpu_fused", isa=None)(x), ql.prepare("cpu_fused", isa=isas[0])(x))
         # auto: the fused kernel below prefill_from rows, the tiled path from it on, bit for bit
         auto = ql.prepare("auto", prefill_from=batch)
@@ -356,6 +357,25 @@ def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tm
     assert e2e[2]["disk_bytes"] < e2e[0]["disk_bytes"]
     md = latency_tables(tmp_path / "reports" / "latency.json", tmp_path / "reports" / "pack.json")
     assert "| (256, 128) | 4 | warm | W2g64 | auto (cpu_tiled) |" in md and "End to end: one image question" in md
+    from benchmarks.latency import plot_sweep, speedup_table
+
+    tab = speedup_table(rep)
+    assert "| (256, 128) | 4 | warm |" in tab and "(tiled)" in tab and "(fused)" in tab
+    assert plot_sweep(rep, tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_cold_rotation_holds_enough_copies_within_the_ram_cap():
+    from benchmarks.latency import MAX_COPIES, Rotation
+
+    mb = 1 << 20
+    rot = Rotation(lambda i: i, 10 * mb, 32 * mb, 2.0, 1 << 30, cold=True)
+    assert rot.cold and len(rot.copies) == 1 + 7  # 7 other copies: 70 MB >= 2 x 32 MB between two uses
+    assert [rot.next() for _ in range(10)] == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+    capped = Rotation(lambda i: i, 10 * mb, 32 * mb, 2.0, 30 * mb, cold=True)
+    assert not capped.cold and len(capped.copies) == 3
+    assert len(Rotation(lambda i: i, 10, 32 * mb, 2.0, 1 << 40, cold=True).copies) == MAX_COPIES
+    warm = Rotation(lambda i: i, 10 * mb, 32 * mb, 2.0, 1 << 30, cold=False)
+    assert not warm.cold and warm.copies == [0] and warm.info() == {"copies": 1, "rotation_bytes": 10 * mb}
 
 
 def test_checkpoint_in_the_legacy_key_layout_of_other_gptq_tools_loads(tiny_vlm, tmp_path):

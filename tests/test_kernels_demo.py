@@ -64,6 +64,18 @@ def test_every_dispatched_path_matches_reference_on_demo_logits(demo, bits, monk
             lin = m.model.language_model.layers[0].mlp.down_proj
             assert lin._isa == isa and lin.path(rows) == path, (isa, backend, kw)
             assert _rel(got, ref) < 1e-3, (bits, isa, backend, kw, _rel(got, ref))
+        # the tiled path's many-rows mode (wide tiles, rows split between threads), forced
+        with monkeypatch.context() as mp:
+            import vlmq.qlinear
+
+            mp.setattr(vlmq.qlinear, "TILE_SPLIT_FROM", 2)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(2)
+            try:
+                got, _ = logits("cpu_tiled")
+            finally:
+                torch.set_num_threads(threads)
+            assert _rel(got, ref) < 1e-3, (bits, isa, "split", _rel(got, ref))
 
 
 def test_auto_decode_steps_match_reference(demo):

@@ -49,6 +49,7 @@ BACKENDS = ("auto", "reference", "dequant", "aten_int4", "cpu_fused", "cpu_tiled
 KERNEL_BLOCK = 64  # output columns per block of the cpu_fused layout (NB in gptq_cpu.cpp)
 PREFILL_FROM = 16  # backend="auto": rows per call from which cpu_tiled runs (params `latency.prefill_from`)
 TILE_COLS, TILE_K = 2, 1024  # cpu_tiled: kernel blocks (of 64 columns) and inputs per dequantized tile
+TILE_SPLIT_FROM = 768  # cpu_tiled: from this many rows, 512-column tiles shared by all threads (rows split; README)
 
 
 def _has_cpu_fused() -> bool:
@@ -204,7 +205,7 @@ class QuantLinear(nn.Module):
             args = (x2.float().contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits, self._group,
                     self.out_features, self._isa)
             if self.backend == "cpu_tiled" or (self._prefill_from is not None and x2.shape[0] >= self._prefill_from):
-                y = self._kernel.gptq_gemm_tiled(*args, TILE_COLS, TILE_K)
+                y = self._kernel.gptq_gemm_tiled(*args, TILE_COLS, TILE_K, TILE_SPLIT_FROM)
             else:
                 y = self._kernel.gptq_gemm(*args)
             y = y.reshape(*shape[:-1], self.out_features)

@@ -335,13 +335,15 @@ torch::Tensor gptq_gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor scales,
   return y;
 }
 
-// Prefill path: y = x W^T with W dequantized tile by tile. Each thread takes `cols` column blocks
+// Prefill path: y = x W^T with W dequantized tile by tile. Below `split_from` rows (0: always) each
+// thread takes `cols` column blocks
 // at a time, dequantizes their rows in chunks of `kc` inputs into a float32 buffer of its own
 // (cache-sized, never a dense copy of W), and multiplies it with torch's GEMM (MKL / oneDNN, on
 // the calling thread: inside a parallel region it runs single-threaded). The decode costs one
 // vector pass per weight, shared by all M rows, so at many rows the GEMM's speed is what counts.
 torch::Tensor gptq_gemm_tiled(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, torch::Tensor zeros,
-                              int64_t bits, int64_t group, int64_t N, std::string isa, int64_t cols, int64_t kc) {
+                              int64_t bits, int64_t group, int64_t N, std::string isa, int64_t cols, int64_t kc,
+                              int64_t split_from) {
   isa = check_args(x, qw, scales, zeros, bits, group, N, isa);
   TORCH_CHECK(cols >= 1 && kc >= 32, "cols >= 1 and kc >= 32");
   DequantFn fn = nullptr;
@@ -357,7 +359,39 @@ torch::Tensor gptq_gemm_tiled(torch::Tensor x, torch::Tensor qw, torch::Tensor s
   kc = std::min<int64_t>(K, kc / 32 * 32);
   const int64_t nunits = (nblocks + cols - 1) / cols;
   const Job job = make_job(x, nullptr, group, N, qw, scales, zeros, y.data_ptr<float>());
-  const int64_t nt = std::min<int64_t>({(int64_t)at::get_num_threads(), nunits, std::max<int64_t>(1, M * K * N >> 20)});
+  const int64_t threads = at::get_num_threads();
+  if (split_from > 0 && M >= split_from && threads > 1) {
+    // Many rows: wide tiles shared by all threads. A GEMM call packs its rows of x once per call,
+    // so per-thread tiles of 128 columns re-pack x for every 128 outputs (~10 % at M = 1024);
+    // here all threads dequantize one tile of WIDE blocks together, then each multiplies its own
+    // rows of x with it (two fork-joins per tile, a few microseconds against milliseconds of GEMM).
+    constexpr int64_t WIDE = 8;
+    const int64_t wb = std::min<int64_t>(nblocks, WIDE), rows_per = (M + threads - 1) / threads;
+    auto tile = torch::empty({kc, wb * NB}, x.options());
+    for (int64_t b0 = 0; b0 < nblocks; b0 += wb) {
+      const int64_t b1 = std::min(nblocks, b0 + wb), n0 = b0 * NB, nb = std::min(N, b1 * NB) - n0;
+      for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t k1 = std::min(K, k0 + kc);
+        over_blocks(b1 - b0, std::min(threads, b1 - b0), [&](int64_t u0, int64_t u1) {
+          for (int64_t u = u0; u < u1; ++u) fn(job, b0 + u, k0, k1, tile.data_ptr<float>() + u * NB, wb * NB);
+        });
+        auto t = tile.narrow(0, 0, k1 - k0).narrow(1, 0, nb);
+        auto xk = x.narrow(1, k0, k1 - k0);
+        at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+          for (int64_t ti = t0; ti < t1; ++ti) {
+            const int64_t r0 = ti * rows_per, r1 = std::min(M, r0 + rows_per);
+            if (r0 >= r1) continue;
+            auto yr = y.narrow(0, r0, r1 - r0).narrow(1, n0, nb);
+            auto xr = xk.narrow(0, r0, r1 - r0);
+            if (k0 == 0) at::mm_out(yr, xr, t);
+            else yr.addmm_(xr, t);
+          }
+        });
+      }
+    }
+    return y;
+  }
+  const int64_t nt = std::min<int64_t>({threads, nunits, std::max<int64_t>(1, M * K * N >> 20)});
   over_blocks(nunits, nt, [&](int64_t u0, int64_t u1) {
     const int64_t width = cols * NB;
     auto tile = torch::empty({kc, width}, x.options());
@@ -388,7 +422,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "prefill path: dequantize tiles of the blocked GPTQ words to float32 and multiply them with torch's GEMM",
         pybind11::arg("x"), pybind11::arg("qw"), pybind11::arg("scales"), pybind11::arg("zeros"),
         pybind11::arg("bits"), pybind11::arg("group"), pybind11::arg("n"), pybind11::arg("isa") = "",
-        pybind11::arg("cols") = 2, pybind11::arg("kc") = 1024);
+        pybind11::arg("cols") = 2, pybind11::arg("kc") = 1024, pybind11::arg("split_from") = 0);
   m.def("isas", &isas, "instruction sets this CPU can run, best first");
   m.attr("NB") = NB;
 }
