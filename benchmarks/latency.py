@@ -216,8 +216,7 @@ def bench_linears(cfg, bw_gbs: float, batches=None, log=print) -> list[dict]:
                 use = [b for b in cfg.backends if b in members and (b == "auto" or b in ok)]
                 if not use:
                     continue
-                q2 = random_quant_linear(in_f, out_f, bits, cfg.group_size, torch.Generator().manual_seed(bits))
-                q2.load_state_dict(ql.state_dict())
+                q2 = copy.deepcopy(ql)
                 q2.prepare(use[0], prefill_from=cfg.prefill_from)
                 nbytes = sum(v.numel() * v.element_size() for v in q2._prepared.values()) or quant_bytes(
                     in_f, out_f, bits, cfg.group_size)
@@ -240,11 +239,12 @@ def bench_linears(cfg, bw_gbs: float, batches=None, log=print) -> list[dict]:
                     results.append(r)
                     log(f"  ({in_f},{out_f}) M={batch} {cache} dense {name}: {r['median_ms']:.3f} ms "
                         f"(floor {r['floor_ms']:.3f}, {r['copies']} copies)")
-                for (bits, layout, c), (ql, use, rot) in quant.items():
+                for (bits, layout, c), (ql, use, rot) in quant.items():  # noqa: B007 - layout read below
                     if c != cache:
                         continue
                     for backend in use:
-                        ql.prepare(backend, prefill_from=cfg.prefill_from)  # the kernel layout is reused
+                        if layout == "kernel" or ql.backend != backend:  # switching within the kernel layout is free
+                            ql.prepare(backend, prefill_from=cfg.prefill_from)
                         ql._prepared = rot.copies[0]
 
                         def call(p, ql=ql):
@@ -444,6 +444,11 @@ def run_benchmark(params_path=None, model_path: str | None = None, out: str | No
     log(f"machine: {info}")
     results = bench_linears(cfg, bw, cfg.sweep.batches if sweep else None, log)
     report = {"machine": info, "params": cfg.model_dump(), "results": results}
+    try:
+        report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        report["commit"] = None
     if sweep:
         report["command"] = "python -m benchmarks.latency --sweep"
         path = write_json(out or cfg.sweep.out, report)
