@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -147,19 +147,15 @@ class PackParams(_Strict):
     checkpoint_format: Literal["auto", "gptq", "gptq_v2"] = "auto"  # auto: v1 unless a zero point is 0
 
 
+Batches = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]  # rows per call (M)
+
+
 class LatencySweepParams(_Strict):
     """The long batch sweep (``python -m benchmarks.latency --sweep``): a committed report + plot."""
 
-    batches: list[int] = [1, 4, 16, 64, 256, 1024]
+    batches: Batches = [1, 4, 16, 64, 256, 1024]
     out: str = "reports/bench/latency_sweep.json"
     plot: str = "reports/bench/latency_sweep.png"
-
-    @field_validator("batches")
-    @classmethod
-    def _positive(cls, v):
-        if not v or min(v) < 1:
-            raise ValueError("batches: a non-empty list of positive row counts")
-        return v
 
 
 class LatencyParams(_Strict):
@@ -168,7 +164,7 @@ class LatencyParams(_Strict):
     shapes: list[tuple[int, int]] = [(3584, 4608), (3584, 3584), (3584, 18944), (3584, 37888), (18944, 3584)]
     bits: list[Literal[2, 3, 4, 8]] = [4, 3, 2]
     group_size: int = 128
-    batches: list[int] = [1, 16]
+    batches: Batches = [1, 16]  # rows per call
     cache: list[Literal["cold", "warm"]] = ["cold", "warm"]
     cold_llc_factor: float = Field(2.0, ge=1.0)   # cold: the rotated copies hold >= this x the LLC
     cold_ram_fraction: float = Field(0.1, gt=0, le=0.5)  # ... and at most this share of available RAM
@@ -184,13 +180,6 @@ class LatencyParams(_Strict):
     decode_runs: int = Field(5, ge=1)
     out: str = "reports/latency.json"
     sweep: LatencySweepParams = LatencySweepParams()
-
-    @field_validator("batches")
-    @classmethod
-    def _positive(cls, v):
-        if not v or min(v) < 1:
-            raise ValueError("batches: a non-empty list of positive row counts")
-        return v
 
 
 class DemoDataParams(_Strict):

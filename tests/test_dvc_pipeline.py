@@ -55,7 +55,8 @@ def make_repo(tmp_path, tiny_vlm):
     params["cache"]["dtype"] = "float32"
     params["quant"].update(method="vlmq", bits=3, group_size=64)
     params["eval"].update(limit=4, max_new_tokens=4)
-    params["latency"].update(shapes=[[256, 128]], batches=[1], runs=3, warmup=1, decode_tokens=2, decode_runs=1)
+    params["latency"].update(shapes=[[256, 128]], batches=[1], runs=3, warmup=1, decode_tokens=2, decode_runs=1,
+                             bits=[4], dense_dtypes=["float32"], backends=["auto"])  # the stage runs per repro
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "VLMQ_NO_PREFECT": "1", "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1",
            "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

@@ -38,6 +38,13 @@ def test_bad_value_names_key_and_allowed_values(tmp_path):
         load_params(write(tmp_path, {"quant": {"group_size": 0}}))
     with pytest.raises(ParamsError, match="importance.source"):
         load_params(write(tmp_path, {"importance": {"source": "magic"}}))
+    # the latency knobs of issue 23
+    for bad, key in (({"batches": [16, 0]}, "latency.batches.1"), ({"batches": []}, "latency.batches"),
+                     ({"cache": ["hot"]}, "latency.cache.0"), ({"prefill_from": 0}, "latency.prefill_from"),
+                     ({"backends": ["cpu_magic"]}, "latency.backends.0"),
+                     ({"sweep": {"batches": [-4]}}, "latency.sweep.batches.0")):
+        with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+            load_params(write(tmp_path, {"latency": bad}))
 
 
 def test_missing_and_malformed_files(tmp_path):
