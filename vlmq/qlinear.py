@@ -19,11 +19,12 @@ s[o, g_idx[i]]`` through one of these backends:
   ``aten_int4``).
 * ``cpu_tiled`` — the prefill path, same layout and bit widths as ``cpu_fused``: each thread
   dequantizes tiles of the packed words (128 output columns × 1024 inputs, float32, in its cache)
-  and multiplies them with torch's GEMM (MKL/oneDNN). The decode is paid once per weight, not once
-  per weight and group of 4 rows, so at many rows (prefill) it runs at the GEMM's speed.
-  Float32 on purpose: bfloat16 tiles (AMX/AVX-512-BF16 machines) move the demo model's logits by
-  ~2e-2 relative from the bfloat16 rounding of the weights alone (README), above the 1e-3 the
-  kernels are held to.
+  and multiplies them with torch's GEMM (MKL/oneDNN); from ``TILE_SPLIT_FROM`` rows all threads
+  share 512-column tiles and split the rows. The decode is paid once per weight, not once per
+  weight and group of 4 rows, so at many rows (prefill) it runs at the GEMM's speed. Float32 on
+  purpose: bfloat16 tiles (AMX/AVX-512-BF16 machines) move the demo model's logits by 8.6e-3
+  relative from rounding the weights alone, 1.4e-2 with the activations
+  (``benchmarks/prefill_precision.py``), above the 1e-3 the kernels are held to.
 * ``aten_int4`` — 4-bit only: PyTorch's CPU int4 weight-packed matmul
   (``aten._weight_int4pack_mm_for_cpu``, bf16 activations). GPTQ's integer zero point ``z`` maps
   to the kernel's float offset ``(8 − z)·s`` exactly, because ``(q − z)·s = (q − 8)·s + (8 − z)·s``.
