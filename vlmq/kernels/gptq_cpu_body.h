@@ -15,6 +15,19 @@ constexpr bool preshifted(int j) {
   return V::PRESHIFT && sh > 0 && sh + BITS < 32 && !(BITS == 3 && sh > 29);
 }
 
+// The value at bit `sh` of word `word` of a run, for the W columns at p (p + word * NB: the word
+// row): q, or q 2^sh in place when `pre` (no shift; see `preshifted`). `word`, `sh` and `pre` are
+// constants once the caller's loop over the run is unrolled.
+template <int BITS>
+__attribute__((always_inline)) inline typename V::vf value(const uint32_t* p, int word, int sh, bool pre,
+                                                           typename V::lut_t lut) {
+  const typename V::vu u = V::load(p + word * NB);
+  if (BITS == 3 && sh > 29)  // values 10 and 21 of a 3-bit run straddle two words
+    return V::template lookup<BITS>(V::or_(V::srl(u, sh), V::sll(V::load(p + (word + 1) * NB), 32 - sh)), lut);
+  if (pre) return V::template masked<BITS>(u, sh);
+  return V::template decode<BITS>(u, sh, lut);
+}
+
 // One chunk: MT rows of x (from row m0) times the VT * V::W columns of block `b` starting at column
 // c0 of the block. Group sums are accumulated in registers; the scale and zero point are applied
 // once per group: acc += s * sum_k(x_k q_k) - (z s) * sum_k(x_k).
@@ -48,14 +61,7 @@ inline void chunk(const Job& a, int64_t b, int64_t m0, int c0, float* out) {
         typename V::vf xv[MT];
         for (int mi = 0; mi < MT; ++mi) xv[mi] = V::set1(xk[mi * a.K + j]);
         for (int t = 0; t < VT; ++t) {
-          const typename V::vu u = V::load(w + word * NB + t * W);
-          typename V::vf q;
-          if (BITS == 3 && sh > 29)  // values 10 and 21 of a 3-bit run straddle two words
-            q = V::template lookup<BITS>(V::or_(V::srl(u, sh), V::sll(V::load(w + (word + 1) * NB + t * W), 32 - sh)), lut);
-          else if (preshifted<BITS>(j))  // q 2^sh in place (x was scaled by 2^-sh): no shift
-            q = V::template masked<BITS>(u, sh);
-          else
-            q = V::template decode<BITS>(u, sh, lut);
+          const typename V::vf q = value<BITS>(w + t * W, word, sh, preshifted<BITS>(j), lut);
           for (int mi = 0; mi < MT; ++mi) ag[j % NA][mi][t] = V::fma(xv[mi], q, ag[j % NA][mi][t]);
         }
       }
@@ -125,12 +131,7 @@ void dequant_rows(const Job& a, int64_t b, int64_t k0, int64_t k1, float* out, i
 #pragma GCC unroll 32
       for (int j = 0; j < 32; ++j) {
         const int off = BITS * j, word = off >> 5, sh = off & 31;
-        const typename V::vu u = V::load(w + word * NB + t * W);
-        typename V::vf q;
-        if (BITS == 3 && sh > 29)
-          q = V::template lookup<BITS>(V::or_(V::srl(u, sh), V::sll(V::load(w + (word + 1) * NB + t * W), 32 - sh)), lut);
-        else
-          q = V::template decode<BITS>(u, sh, lut);
+        const typename V::vf q = value<BITS>(w + t * W, word, sh, false, lut);
         V::store(o + j * ld + t * W, V::mul(V::add(q, nz), sv));  // (q - z) s: the reference's rounding
       }
     }
