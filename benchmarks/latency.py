@@ -290,6 +290,24 @@ def demo_inputs(processor, n: int = 1, seed: int = 0) -> dict:
     return dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
 
 
+def write_rtn_packed(model, processor, adapter, bits: int, group_size: int, out: Path) -> Path:
+    """Every decoder linear of ``model`` RTN-quantized (W``bits`` g``group_size``) and packed to
+    ``out`` (a GPTQ checkpoint, :func:`vlmq.checkpoint.write_packed`); returns ``out``."""
+    from vlmq.checkpoint import write_packed
+    from vlmq.quant import rtn
+
+    solved = []
+    for layer in adapter.decoder_layers(model):
+        t = {}
+        for name, lin in adapter.linears(layer).items():
+            q, s, z, g = rtn(lin.weight.detach(), bits, group_size)
+            t.update({f"{name}.int_weight": q, f"{name}.scales": s, f"{name}.zeros": z, f"{name}.g_idx": g})
+        solved.append(t)
+    write_packed(model, processor, adapter, solved, out, bits=bits, group_size=group_size, sym=False,
+                 desc_act=False, method="rtn")
+    return out
+
+
 class _Evictor:
     """Reads a buffer of ``factor`` × LLC between runs: the next run starts with cold caches."""
 
@@ -303,9 +321,8 @@ class _Evictor:
 def bench_end_to_end(model_path: str, cfg, log=print) -> list[dict]:
     """Batch-1 image question: time to first token and decode tokens/s, FP vs RTN-packed W``bits``
     (``auto`` backend), cold."""
-    from vlmq.checkpoint import load_packed, write_packed
+    from vlmq.checkpoint import load_packed
     from vlmq.models import load_model
-    from vlmq.quant import rtn
 
     model, processor, adapter = load_model(model_path)
     tok = processor.tokenizer
@@ -328,16 +345,7 @@ def bench_end_to_end(model_path: str, cfg, log=print) -> list[dict]:
         variants.append((copy.deepcopy(model).to(DTYPES[name]).eval(), name, "dense", fp_disk))
     tmp = tempfile.TemporaryDirectory()  # kept until the timings are done (the packed models read from it)
     for bits in cfg.bits:
-        solved = []
-        for layer in adapter.decoder_layers(model):
-            t = {}
-            for name, lin in adapter.linears(layer).items():
-                q, s, z, g = rtn(lin.weight, bits, cfg.group_size)
-                t.update({f"{name}.int_weight": q, f"{name}.scales": s, f"{name}.zeros": z, f"{name}.g_idx": g})
-            solved.append(t)
-        d = Path(tmp.name) / f"w{bits}"
-        write_packed(model, processor, adapter, solved, d, bits=bits, group_size=cfg.group_size, sym=False,
-                     desc_act=False, method="rtn")
+        d = write_rtn_packed(model, processor, adapter, bits, cfg.group_size, Path(tmp.name) / f"w{bits}")
         qm, _, _ = load_packed(d, backend="auto", load_processor=False, prefill_from=cfg.prefill_from)
         variants.append((qm.eval(), bits, "auto", (d / "model.safetensors").stat().st_size))
     ttft = [[] for _ in variants]

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmq.checkpoint import load_packed, write_packed
+from vlmq.checkpoint import load_packed
 from vlmq.kernels import kernel_isas
-from vlmq.quant import rtn
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "data" / "demo" / "model"
 
@@ -22,23 +21,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from benchmarks.latency import demo_inputs
+    from benchmarks.latency import demo_inputs, write_rtn_packed
     from vlmq.models import load_model
 
     model, processor, adapter = load_model(str(DEMO_MODEL))
     root = tmp_path_factory.mktemp("demo_packed")
-    dirs = {}
-    for bits in (4, 3, 2):
-        solved = []
-        for layer in adapter.decoder_layers(model):
-            t = {}
-            for name, lin in adapter.linears(layer).items():
-                q, s, z, g = rtn(lin.weight.detach(), bits, 128)
-                t.update({f"{name}.int_weight": q, f"{name}.scales": s, f"{name}.zeros": z, f"{name}.g_idx": g})
-            solved.append(t)
-        dirs[bits] = root / f"w{bits}"
-        write_packed(model, processor, adapter, solved, dirs[bits], bits=bits, group_size=128, sym=False,
-                     desc_act=False, method="rtn")
+    dirs = {bits: write_rtn_packed(model, processor, adapter, bits, 128, root / f"w{bits}") for bits in (4, 3, 2)}
     return dirs, demo_inputs(processor, 2, seed=0)
 
 

@@ -205,7 +205,7 @@ class QuantLinear(nn.Module):
         if self._kernel is not None:  # cpu_fused / cpu_tiled (a decode step: keep the Python path short)
             args = (x2.float().contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits, self._group,
                     self.out_features, self._isa)
-            if self.backend == "cpu_tiled" or (self._prefill_from is not None and x2.shape[0] >= self._prefill_from):
+            if self.path(x2.shape[0]) == "cpu_tiled":
                 y = self._kernel.gptq_gemm_tiled(*args, TILE_COLS, TILE_K, TILE_SPLIT_FROM)
             else:
                 y = self._kernel.gptq_gemm(*args)
