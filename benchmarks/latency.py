@@ -20,8 +20,8 @@
   next ``decode_tokens`` tokens), FP (each dense dtype) and RTN-packed at each bit width through
   ``auto``, cold (caches evicted before every run). Size on disk and resident tensor bytes.
 
-All variants run in one process, interleaved per shape and row count, so ratios compare like with
-like; the machine block records the CPU, its last-level cache and instruction-set flags.
+All variants of one (shape, rows, cache) cell are timed in rounds, one call of each per round, so a
+drift of the machine moves them alike and their ratios compare like with like; the machine block records the CPU, its last-level cache and instruction-set flags.
 """
 
 from __future__ import annotations
@@ -167,24 +167,45 @@ class Rotation:
         return {"copies": len(self.copies), "rotation_bytes": len(self.copies) * self.nbytes}
 
 
-def _measure(call, rot: Rotation, cfg, best_ms: float | None) -> dict:
-    """Time ``call(copy)`` over the rotation: warm-up, then up to ``runs`` calls (fewer where one
-    call is slow: ``seconds_per_row``; a single run where it is > 5x the fastest dense already timed)."""
-    t0 = time.perf_counter()
-    call(rot.next())
-    first = time.perf_counter() - t0
-    if best_ms is not None and first * 1e3 > 5 * best_ms:
-        return {**_stats([first * 1e3]), **rot.info()}
-    for _ in range(max(0, cfg.warmup - 1)):
-        call(rot.next())
-    runs = max(3, min(cfg.runs, int(cfg.seconds_per_row / max(first, 1e-6))))
-    ts = []
-    for _ in range(runs):
-        c = rot.next()
+class _Variant:
+    """One timed thing of a (shape, rows, cache) cell: ``setup()`` (untimed: e.g. switch the backend),
+    then ``call(copy)`` on the next copy of its rotation; ``row`` holds the report fields."""
+
+    def __init__(self, row: dict, call, rot: Rotation, setup=None):
+        self.row, self.call, self.rot, self.setup = row, call, rot, setup or (lambda: None)
+
+    def once(self, warm_first: bool) -> float:
+        self.setup()
+        c = self.rot.next()
+        if warm_first:  # warm: the copy was just used, as in a loop over one cached weight
+            self.call(c)
         t0 = time.perf_counter()
-        call(c)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return {**_stats(ts), **rot.info()}
+        self.call(c)
+        return (time.perf_counter() - t0) * 1e3
+
+
+def _measure_interleaved(variants: list[_Variant], cfg, warm: bool) -> list[dict]:
+    """Times every variant of one cell in rounds, one call of each per round, so that a drift of the
+    machine (another tenant, the clock) moves them all alike and their ratios stay fair. A first call
+    of each sizes the work: up to ``runs`` rounds within ``seconds_per_row`` per variant; a variant
+    slower than 5x the fastest dense first call keeps that single (sizing) call. Warm: each timed call follows
+    an untimed call on the same copy (the other variants' calls in between would evict it)."""
+    first = [v.once(False) for v in variants]
+    dense = [f for v, f in zip(variants, first) if v.row["backend"] == "dense"]
+    limit = 5 * min(dense) if dense else math.inf
+    active = [i for i, f in enumerate(first) if f <= limit]
+    for _ in range(max(0, cfg.warmup - 1)):
+        for i in active:
+            variants[i].once(warm)
+    per_round = sum(first[i] for i in active) * (2 if warm else 1) / 1e3
+    runs = max(3, min(cfg.runs, int(cfg.seconds_per_row * len(active) / max(per_round, 1e-6))))
+    times: list[list[float]] = [[f] for f in first]
+    for i in active:
+        times[i] = []
+    for _ in range(runs):
+        for i in active:
+            times[i].append(variants[i].once(warm))
+    return [{**_stats(ts), **v.rot.info()} for v, ts in zip(variants, times)]
 
 
 def _prepared_copy(ql):
@@ -227,38 +248,39 @@ def bench_linears(cfg, bw_gbs: float, batches=None, log=print) -> list[dict]:
         for batch in batches or cfg.batches:
             x = torch.randn(batch, in_f, generator=gen)
             for cache in cfg.cache:
-                best = None
+                cell = []
                 for name in cfg.dense_dtypes:
-                    xd = x.to(DTYPES[name])
                     rot = dense[name, cache]
-                    r = _measure(lambda w: F.linear(xd, w), rot, cfg, best)
-                    best = r["median_ms"] if best is None else min(best, r["median_ms"])
-                    r.update(shape=[in_f, out_f], dtype_or_bits=name, group_size=None, backend="dense", path="dense",
-                             batch=batch, cache=cache if rot.cold or cache == "warm" else "cold_partial",
-                             floor_ms=rot.nbytes / (bw_gbs * 1e9) * 1e3)
-                    results.append(r)
-                    log(f"  ({in_f},{out_f}) M={batch} {cache} dense {name}: {r['median_ms']:.3f} ms "
-                        f"(floor {r['floor_ms']:.3f}, {r['copies']} copies)")
-                for (bits, layout, c), (ql, use, rot) in quant.items():  # noqa: B007 - layout read below
+                    cell.append(_Variant(
+                        dict(dtype_or_bits=name, group_size=None, backend="dense", path="dense",
+                             floor_ms=rot.nbytes / (bw_gbs * 1e9) * 1e3),
+                        lambda w, xd=x.to(DTYPES[name]): F.linear(xd, w), rot))
+                for (bits, layout, c), (ql, use, rot) in quant.items():
                     if c != cache:
                         continue
                     for backend in use:
-                        if layout == "kernel" or ql.backend != backend:  # switching within the kernel layout is free
-                            ql.prepare(backend, prefill_from=cfg.prefill_from)
-                        ql._prepared = rot.copies[0]
+                        def setup(ql=ql, backend=backend, layout=layout):
+                            if layout == "kernel" or ql.backend != backend:  # free within the kernel layout
+                                ql.prepare(backend, prefill_from=cfg.prefill_from)
 
                         def call(p, ql=ql):
                             ql._prepared = p
                             ql(x)
 
-                        r = _measure(call, rot, cfg, best)
-                        r.update(shape=[in_f, out_f], dtype_or_bits=bits, group_size=cfg.group_size, backend=backend,
-                                 path=ql.path(batch) if backend == "auto" else backend, batch=batch,
-                                 cache=cache if rot.cold or cache == "warm" else "cold_partial",
-                                 floor_ms=quant_bytes(in_f, out_f, bits, cfg.group_size) / (bw_gbs * 1e9) * 1e3)
-                        results.append(r)
-                        log(f"  ({in_f},{out_f}) M={batch} {cache} W{bits} {backend} ({r['path']}): "
-                            f"{r['median_ms']:.3f} ms (floor {r['floor_ms']:.3f}, {r['copies']} copies)")
+                        setup()
+                        cell.append(_Variant(
+                            dict(dtype_or_bits=bits, group_size=cfg.group_size, backend=backend,
+                                 path=ql.path(batch) if backend == "auto" else backend,
+                                 floor_ms=quant_bytes(in_f, out_f, bits, cfg.group_size) / (bw_gbs * 1e9) * 1e3),
+                            call, rot, setup))
+                for v, r in zip(cell, _measure_interleaved(cell, cfg, cache == "warm")):
+                    r.update(shape=[in_f, out_f], **v.row, batch=batch,
+                             cache=cache if v.rot.cold or cache == "warm" else "cold_partial")
+                    results.append(r)
+                    what = (f"dense {r['dtype_or_bits']}" if r["backend"] == "dense"
+                            else f"W{r['dtype_or_bits']} {r['backend']} ({r['path']})")
+                    log(f"  ({in_f},{out_f}) M={batch} {cache} {what}: {r['median_ms']:.3f} ms "
+                        f"(floor {r['floor_ms']:.3f}, {r['copies']} copies, {r['runs']} runs)")
         del dense, quant
     return results
 
