@@ -118,10 +118,11 @@ def machine_info() -> dict:
     except OSError:
         pass
     from vlmq.kernels import kernel_isa
+    from vlmq.qlinear import bf16_gemm_fast
 
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "kernel_isa": kernel_isa(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "flags": [f for f in FLAGS if f in flags], "llc_bytes": llc_bytes(),
+            "flags": [f for f in FLAGS if f in flags], "llc_bytes": llc_bytes(), "bf16_gemm_fast": bf16_gemm_fast(),
             "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
@@ -188,11 +189,11 @@ def _measure_interleaved(variants: list[_Variant], cfg, warm: bool) -> list[dict
     """Times every variant of one cell in rounds, one call of each per round, so that a drift of the
     machine (another tenant, the clock) moves them all alike and their ratios stay fair. A first call
     of each sizes the work: up to ``runs`` rounds within ``seconds_per_row`` per variant; a variant
-    slower than 5x the fastest dense first call keeps that single (sizing) call. Warm: each timed call follows
+    slower than ``slow_factor`` x the fastest dense first call keeps that single (sizing) call. Warm: each timed call follows
     an untimed call on the same copy (the other variants' calls in between would evict it)."""
     first = [v.once(False) for v in variants]
     dense = [f for v, f in zip(variants, first) if v.row["backend"] == "dense"]
-    limit = 5 * min(dense) if dense else math.inf
+    limit = cfg.slow_factor * min(dense) if dense else math.inf
     active = [i for i, f in enumerate(first) if f <= limit]
     for _ in range(max(0, cfg.warmup - 1)):
         for i in active:
@@ -213,8 +214,14 @@ def _prepared_copy(ql):
 
 
 def bench_linears(cfg, bw_gbs: float, batches=None, log=print) -> list[dict]:
-    from vlmq.qlinear import available_backends
+    from vlmq.qlinear import available_backends, bf16_gemm_fast
 
+    # bfloat16 activations (a model run in bf16): `auto` (cpu_tiled_bf16 from prefill_from rows) and
+    # the forced cpu_tiled_bf16, where bf16 GEMMs are fast (AMX); elsewhere bf16 GEMMs are several
+    # times slower than float32 ones and auto computes bf16 activations in float32 (same as float32 rows)
+    bf16_acts = bf16_gemm_fast()
+    if not bf16_acts and "cpu_tiled_bf16" in cfg.backends:
+        log("  cpu_tiled_bf16 and auto with bf16 activations: not timed (no AMX: bf16 GEMMs are slow here)")
     llc = llc_bytes()
     ram_cap = int(cfg.cold_ram_fraction * available_ram_bytes())
     gen = torch.Generator().manual_seed(0)
@@ -232,9 +239,11 @@ def bench_linears(cfg, bw_gbs: float, batches=None, log=print) -> list[dict]:
         for bits in cfg.bits:
             ql = random_quant_linear(in_f, out_f, bits, cfg.group_size, gen)
             ok = available_backends(bits)
-            for layout, members in (("kernel", {"auto", "cpu_fused", "cpu_tiled"}), ("aten_int4", {"aten_int4"}),
+            for layout, members in (("kernel", {"auto", "cpu_fused", "cpu_tiled", "cpu_tiled_bf16"}),
+                                    ("aten_int4", {"aten_int4"}),
                                     ("dequant", {"dequant"}), ("reference", {"reference"})):
-                use = [b for b in cfg.backends if b in members and (b == "auto" or b in ok)]
+                use = [b for b in cfg.backends if b in members and (b == "auto" or b in ok)
+                       and (b != "cpu_tiled_bf16" or bf16_acts)]
                 if not use:
                     continue
                 q2 = copy.deepcopy(ql)
@@ -252,25 +261,27 @@ def bench_linears(cfg, bw_gbs: float, batches=None, log=print) -> list[dict]:
                 for name in cfg.dense_dtypes:
                     rot = dense[name, cache]
                     cell.append(_Variant(
-                        dict(dtype_or_bits=name, group_size=None, backend="dense", path="dense",
+                        dict(dtype_or_bits=name, group_size=None, backend="dense", path="dense", act_dtype=name,
                              floor_ms=rot.nbytes / (bw_gbs * 1e9) * 1e3),
                         lambda w, xd=x.to(DTYPES[name]): F.linear(xd, w), rot))
                 for (bits, layout, c), (ql, use, rot) in quant.items():
                     if c != cache:
                         continue
-                    for backend in use:
+                    for backend, act in [(b, a) for b in use for a in (
+                            ("bfloat16",) if b == "cpu_tiled_bf16" else ("float32", "bfloat16") if
+                            b == "auto" and bf16_acts and "bfloat16" in cfg.dense_dtypes else ("float32",))]:
                         def setup(ql=ql, backend=backend, layout=layout):
                             if layout == "kernel" or ql.backend != backend:  # free within the kernel layout
                                 ql.prepare(backend, prefill_from=cfg.prefill_from)
 
-                        def call(p, ql=ql):
+                        def call(p, ql=ql, xq=x.to(DTYPES[act])):
                             ql._prepared = p
-                            ql(x)
+                            ql(xq)
 
                         setup()
                         cell.append(_Variant(
                             dict(dtype_or_bits=bits, group_size=cfg.group_size, backend=backend,
-                                 path=ql.path(batch) if backend == "auto" else backend,
+                                 path=ql.path(batch, DTYPES[act]) if backend == "auto" else backend, act_dtype=act,
                                  floor_ms=quant_bytes(in_f, out_f, bits, cfg.group_size) / (bw_gbs * 1e9) * 1e3),
                             call, rot, setup))
                 for v, r in zip(cell, _measure_interleaved(cell, cfg, cache == "warm")):
@@ -278,7 +289,7 @@ def bench_linears(cfg, bw_gbs: float, batches=None, log=print) -> list[dict]:
                              cache=cache if v.rot.cold or cache == "warm" else "cold_partial")
                     results.append(r)
                     what = (f"dense {r['dtype_or_bits']}" if r["backend"] == "dense"
-                            else f"W{r['dtype_or_bits']} {r['backend']} ({r['path']})")
+                            else f"W{r['dtype_or_bits']} {r['backend']} ({r['path']}, x {r['act_dtype']})")
                     log(f"  ({in_f},{out_f}) M={batch} {cache} {what}: {r['median_ms']:.3f} ms "
                         f"(floor {r['floor_ms']:.3f}, {r['copies']} copies, {r['runs']} runs)")
         del dense, quant
@@ -361,15 +372,21 @@ def bench_end_to_end(model_path: str, cfg, log=print) -> list[dict]:
 
     # every variant loaded first, then timed in turns (run 1 of each, run 2 of each, ...): drift of a
     # shared machine spreads over all of them instead of favouring whichever ran in a quiet minute
-    variants = []  # (model, weights, backend, disk_bytes)
+    from vlmq.qlinear import bf16_gemm_fast
+
+    variants = []  # (model, weights, backend, model dtype, disk_bytes)
     fp_disk = sum(p.stat().st_size for p in Path(model_path).glob("*.safetensors"))
     for name in cfg.dense_dtypes:
-        variants.append((copy.deepcopy(model).to(DTYPES[name]).eval(), name, "dense", fp_disk))
+        variants.append((copy.deepcopy(model).to(DTYPES[name]).eval(), name, "dense", name, fp_disk))
     tmp = tempfile.TemporaryDirectory()  # kept until the timings are done (the packed models read from it)
+    # the packed model in float32, and in bf16 where bf16 GEMMs are fast (AMX: cpu_tiled_bf16 prefill)
+    q_dtypes = ["float32"] + (["bfloat16"] if bf16_gemm_fast() and "bfloat16" in cfg.dense_dtypes else [])
     for bits in cfg.bits:
         d = write_rtn_packed(model, processor, adapter, bits, cfg.group_size, Path(tmp.name) / f"w{bits}")
-        qm, _, _ = load_packed(d, backend="auto", load_processor=False, prefill_from=cfg.prefill_from)
-        variants.append((qm.eval(), bits, "auto", (d / "model.safetensors").stat().st_size))
+        for dt in q_dtypes:
+            qm, _, _ = load_packed(d, backend="auto", dtype=DTYPES[dt], load_processor=False,
+                                   prefill_from=cfg.prefill_from)
+            variants.append((qm.eval(), bits, "auto", dt, (d / "model.safetensors").stat().st_size))
     ttft = [[] for _ in variants]
     full = [[] for _ in variants]
     for m, *_ in variants:  # warm-up (kernel build, allocator, first-call paths)
@@ -379,16 +396,16 @@ def bench_end_to_end(model_path: str, cfg, log=print) -> list[dict]:
             ttft[i].append(once(m, 1))
             full[i].append(once(m, 1 + cfg.decode_tokens))
     out = []
-    for (m, weights, backend, disk), t1, tn in zip(variants, ttft, full):
+    for (m, weights, backend, dtype, disk), t1, tn in zip(variants, ttft, full):
         a, b = _stats(t1), _stats(tn)
         decode_ms = max(b["median_ms"] - a["median_ms"], 1e-9)
-        r = {"model": str(model_path), "weights": weights, "backend": backend, "batch": 1, "cache": "cold",
+        r = {"model": str(model_path), "weights": weights, "backend": backend, "dtype": dtype, "batch": 1, "cache": "cold",
              "prompt_tokens": int(inputs["input_ids"].shape[1]),
              "ttft_ms": a["median_ms"], "ttft_p10_ms": a["p10_ms"], "ttft_p90_ms": a["p90_ms"],
              "decode_tokens": cfg.decode_tokens, "decode_ms": decode_ms,
              "decode_tokens_per_s": cfg.decode_tokens / (decode_ms * 1e-3), "runs": cfg.decode_runs,
              "disk_bytes": disk, "resident_bytes": _tensor_bytes(m)}
-        log(f"  end to end {weights} {backend}: TTFT {r['ttft_ms']:.1f} ms ({r['prompt_tokens']} prompt tokens), "
+        log(f"  end to end {weights} {backend} ({dtype}): TTFT {r['ttft_ms']:.1f} ms ({r['prompt_tokens']} prompt tokens), "
             f"decode {r['decode_tokens_per_s']:.1f} tok/s, resident {r['resident_bytes'] / 1e6:.1f} MB")
         out.append(r)
     tmp.cleanup()
@@ -416,9 +433,12 @@ def plot_sweep(report: dict, path: str | Path) -> Path:
             ax.plot(ms, dense, style, color="black", marker="o", ms=3, label=f"dense FP (fastest) {cache}")
             for bits, color in zip(sorted({r["dtype_or_bits"] for r in rows if r["backend"] == "auto"}),
                                    ("tab:blue", "tab:orange", "tab:green", "tab:red")):
-                pts = [(r["batch"], r["median_ms"]) for r in rows if r["backend"] == "auto" and r["dtype_or_bits"] == bits]
+                pts = {}  # rows -> the fastest activation dtype's time
+                for r in rows:
+                    if r["backend"] == "auto" and r["dtype_or_bits"] == bits:
+                        pts[r["batch"]] = min(pts.get(r["batch"], math.inf), r["median_ms"])
+                pts = sorted(pts.items())
                 if pts:
-                    pts.sort()
                     ax.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=f"W{bits}g128 auto {cache}")
         ax.set(xscale="log", yscale="log", xlabel="rows per call (M)", ylabel="ms per call", title=f"(in, out) = {shape}")
         ax.grid(True, which="both", alpha=0.3)
@@ -435,7 +455,8 @@ def plot_sweep(report: dict, path: str | Path) -> Path:
 
 def speedup_table(report: dict) -> str:
     """Markdown: per shape, M and cache, the fastest dense FP and each bit width's ``auto`` speed-up
-    over it (> 1 = the quantized linear is faster), with the path ``auto`` ran."""
+    over it (> 1 = the quantized linear is faster; float32 activations, or bf16 ones where those
+    were timed and faster), with the path ``auto`` ran."""
     res = report["results"]
     cache_of = lambda r: r["cache"].replace("cold_partial", "cold")  # noqa: E731
     bits = sorted({r["dtype_or_bits"] for r in res if r["backend"] == "auto"}, reverse=True)
@@ -451,7 +472,8 @@ def speedup_table(report: dict) -> str:
         best = min(dense, key=lambda r: r["median_ms"])
         cells = []
         for b in bits:
-            q = [r for r in rows if r["backend"] == "auto" and r["dtype_or_bits"] == b]
+            q = sorted((r for r in rows if r["backend"] == "auto" and r["dtype_or_bits"] == b),
+                       key=lambda r: r["median_ms"])  # the faster activation dtype (float32, or bf16 where timed)
             cells.append(f"{q[0]['median_ms']:.3g} ms, **{best['median_ms'] / q[0]['median_ms']:.2f}×** "
                          f"({q[0]['path'].replace('cpu_', '')})" if q else "")
         md += (f"| ({shape[0]}, {shape[1]}) | {m} | {cache} | {best['dtype_or_bits']} {best['median_ms']:.3g} ms | "
@@ -472,7 +494,8 @@ def run_benchmark(params_path=None, model_path: str | None = None, out: str | No
     bw = memory_bandwidth_gbs()
     info["memory_bandwidth_gbs"] = round(bw, 2)
     log(f"machine: {info}")
-    results = bench_linears(cfg, bw, cfg.sweep.batches if sweep else None, log)
+    results = bench_linears(cfg.model_copy(update={"runs": cfg.sweep.runs, "seconds_per_row": cfg.sweep.seconds_per_row})
+                            if sweep else cfg, bw, cfg.sweep.batches if sweep else None, log)
     report = {"machine": info, "params": cfg.model_dump(), "results": results}
     try:
         report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -154,6 +154,8 @@ class LatencySweepParams(_Strict):
     """The long batch sweep (``python -m benchmarks.latency --sweep``): a committed report + plot."""
 
     batches: Batches = [1, 4, 16, 64, 256, 1024]
+    runs: int = Field(7, ge=3)                    # in place of latency.runs / seconds_per_row: the
+    seconds_per_row: float = Field(3.0, gt=0)     # long calls of many rows need more runs than 3
     out: str = "reports/bench/latency_sweep.json"
     plot: str = "reports/bench/latency_sweep.png"
 
@@ -169,12 +171,13 @@ class LatencyParams(_Strict):
     cold_llc_factor: float = Field(2.0, ge=1.0)   # cold: the rotated copies hold >= this x the LLC
     cold_ram_fraction: float = Field(0.1, gt=0, le=0.5)  # ... and at most this share of available RAM
     dense_dtypes: list[Literal["float32", "bfloat16", "float16"]] = ["float32", "bfloat16", "float16"]
-    backends: list[Literal["auto", "aten_int4", "cpu_fused", "cpu_tiled", "dequant", "reference"]] = [
-        "auto", "cpu_fused", "cpu_tiled", "aten_int4"]
+    backends: list[Literal["auto", "aten_int4", "cpu_fused", "cpu_tiled", "cpu_tiled_bf16", "dequant", "reference"]] = [
+        "auto", "cpu_fused", "cpu_tiled", "cpu_tiled_bf16", "aten_int4"]
     prefill_from: int = Field(16, ge=1)  # backend auto: calls with >= this many rows run cpu_tiled
     runs: int = Field(10, ge=3)
     warmup: int = Field(2, ge=0)
     seconds_per_row: float = Field(1.0, gt=0)  # fewer runs (>= 3) where one call is slow
+    slow_factor: float = Field(2.0, ge=1.0)  # a variant whose first call takes > this x the fastest dense one: timed once
     threads: int | None = None     # torch threads (null = torch's default)
     decode_tokens: int = Field(32, ge=1)   # end to end: greedy tokens after the first, batch 1
     decode_runs: int = Field(5, ge=1)

@@ -294,6 +294,8 @@ def latency_tables(latency_file: Path, pack_file: Path) -> str:
     for r in res:
         w = r["dtype_or_bits"] if r["backend"] == "dense" else f"W{r['dtype_or_bits']}g{r['group_size']}"
         b = r["backend"] if r.get("path", r["backend"]) == r["backend"] else f"{r['backend']} ({r['path']})"
+        if r["backend"] != "dense" and r.get("act_dtype", "float32") != "float32":
+            b += f", x {r['act_dtype']}"
         sp = best_dense[key(r)] / r["median_ms"]
         md += (f"| ({r['shape'][0]}, {r['shape'][1]}) | {r['batch']} | {r.get('cache', 'warm')} | {w} | {b} | "
                f"{r['median_ms']:.3f} [{r['p10_ms']:.3f}, {r['p90_ms']:.3f}] | {r['floor_ms']:.3f} | {sp:.2f}x |\n")
@@ -310,7 +312,8 @@ def latency_tables(latency_file: Path, pack_file: Path) -> str:
         md += ("| weights | backend | TTFT ms [p10, p90] | TTFT speed-up | decode tokens/s | decode speed-up | "
                "disk MB | resident MB |\n|---|---|---|---|---|---|---|---|\n")
         for r in e2e:
-            w = r["weights"] if r["backend"] == "dense" else f"W{r['weights']}"
+            w = r["weights"] if r["backend"] == "dense" else f"W{r['weights']}" + (
+                f" ({r['dtype']})" if r.get("dtype", "float32") != "float32" else "")
             md += (f"| {w} | {r['backend']} | {r['ttft_ms']:.1f} [{r['ttft_p10_ms']:.1f}, {r['ttft_p90_ms']:.1f}] | "
                    f"{ttft_fp / r['ttft_ms']:.2f}x | {r['decode_tokens_per_s']:.1f} | "
                    f"{r['decode_tokens_per_s'] / dec_fp:.2f}x | {r['disk_bytes'] / 1e6:.2f} | "

@@ -42,8 +42,9 @@ def test_quant_linear_backends_match_float64_dequantized_matmul(bits, act_order)
         ql.prepare(backend)
         y = ql(x)
         assert y.shape == (2, 7, out_f) and y.dtype == x.dtype
-        # aten_int4 runs bf16 activations/scales (8 mantissa bits): its tolerance is bf16's
-        tol = 1e-2 if backend == "aten_int4" else 1e-5
+        # aten_int4 runs bf16 activations/scales, cpu_tiled_bf16 rounds float32 x and y to bf16 (8
+        # mantissa bits): their tolerance is bf16's (cpu_tiled_bf16 on bf16 x: _check_bf16_exact)
+        tol = 1e-2 if backend in ("aten_int4", "cpu_tiled_bf16") else 1e-5
         assert _rel(y, ref) < tol, (backend, _rel(y, ref))
     assert ("aten_int4" in available_backends(bits)) == (bits == 4)
     assert "cpu_fused" in available_backends(bits)  # g++ and ninja are install requirements here
@@ -115,12 +116,44 @@ def _check_isas(bits, isas, cases, g):
                 y = gptq_cpu().gptq_gemm_tiled(xp.contiguous(), p["qweight"], p["scales"], p["zeros"], bits, group,
                                                out_f, isa, cols, kc, split_from)
                 assert _rel(y, ref) < 1e-5, (isa, cols, kc, split_from, out_f, in_f, gs, batch, _rel(y, ref))
+            # the bf16 prefill path: W held exactly as two bf16 parts, so for bf16 x the result is the
+            # exact product rounded once to bf16 (bit for bit but where float32 summation order decides
+            # a rounding; W rounded to bf16 alone matches ~60 % of the outputs), every tile shape
+            xb = xp.bfloat16().contiguous()
+            Wp = Wd.index_select(1, p["perm"]) if "perm" in p else Wd
+            for cols, kc in ((1, 256), (1, 32), (3, 96)):
+                y = gptq_cpu().gptq_gemm_tiled_bf16(xb, p["qweight"], p["scales"], p["zeros"], bits, group, out_f,
+                                                    isa, cols, kc)
+                _check_bf16_exact(y, xb, Wp, (isa, cols, kc, bits, out_f, in_f, gs, batch))
+            y = ql.prepare("cpu_tiled_bf16", isa=isa)(x.bfloat16())  # the backend (act_order: x permuted)
+            _check_bf16_exact(y, x.bfloat16(), Wd, (isa, "backend", bits, out_f, in_f, gs, batch))
         assert torch.equal(ql.prepare("cpu_fused", isa=None)(x), ql.prepare("cpu_fused", isa=isas[0])(x))
         # auto: the fused kernel below prefill_from rows, the tiled path from it on, bit for bit
         auto = ql.prepare("auto", prefill_from=batch)
         assert (auto.path(batch - 1), auto.path(batch)) == ("cpu_fused", "cpu_tiled") and "cpu_tiled from" in repr(auto)
         assert torch.equal(auto(x), ql.prepare("cpu_tiled")(x))
         assert torch.equal(ql.prepare("auto", prefill_from=batch + 1)(x), ql.prepare("cpu_fused")(x))
+        # bf16 activations: cpu_tiled_bf16 from prefill_from rows where bf16 GEMMs are fast (forced
+        # here), else (and for float32 x) the float32 paths on the bf16 x
+        xb = x.bfloat16()
+        auto = ql.prepare("auto", prefill_from=batch, bf16_prefill=True)
+        assert auto.path(batch, torch.bfloat16) == "cpu_tiled_bf16" and auto.path(batch) == "cpu_tiled"
+        assert auto.path(batch - 1, torch.bfloat16) == "cpu_fused" and "cpu_tiled_bf16 for bf16" in repr(auto)
+        assert torch.equal(auto(xb), ql.prepare("cpu_tiled_bf16")(xb))
+        auto = ql.prepare("auto", prefill_from=batch, bf16_prefill=False)
+        assert auto.path(batch, torch.bfloat16) == "cpu_tiled"
+        assert torch.equal(auto(xb), ql.prepare("cpu_tiled")(xb.float()).bfloat16())
+
+
+def _check_bf16_exact(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor, what) -> None:
+    """``y`` (bf16) is the float64 ``x Wᵀ`` rounded to bf16: each output within one bf16 step plus
+    float32 summation error (K 2⁻²⁴ Σ|x w|), and 99 % of them equal to the rounded value."""
+    exact = x.double() @ W.T
+    assert y.dtype == torch.bfloat16 and y.shape == exact.shape, what
+    step = 2.0 ** (torch.frexp(exact).exponent.double() - 8)  # one bf16 ulp at |exact|
+    slack = x.shape[1] * 2.0 ** -24 * (x.double().abs() @ W.abs().T)
+    assert bool(((y.double() - exact).abs() <= step + slack).all()), what
+    assert float((y == exact.to(torch.bfloat16)).double().mean()) >= 0.99, what
 
 
 def test_kernel_isa_override_auto_order_and_fallbacks(monkeypatch):
@@ -134,8 +167,8 @@ def test_kernel_isa_override_auto_order_and_fallbacks(monkeypatch):
     monkeypatch.delenv("VLMQ_KERNEL_ISA")
     # auto: the float32 kernel first at every bit width (faster than aten_int4 at batch 1 with AVX2 and
     # AVX-512, README); aten_int4 (bfloat16 activations) is listed but never auto's choice
-    assert available_backends(4) == ["cpu_fused", "cpu_tiled", "aten_int4", "dequant", "reference"]
-    assert available_backends(3) == ["cpu_fused", "cpu_tiled", "dequant", "reference"]
+    assert available_backends(4) == ["cpu_fused", "cpu_tiled", "cpu_tiled_bf16", "aten_int4", "dequant", "reference"]
+    assert available_backends(3) == ["cpu_fused", "cpu_tiled", "cpu_tiled_bf16", "dequant", "reference"]
     ql = QuantLinear(128, 32, 4, 64, False)
     ql.g_idx.copy_(torch.arange(128) // 64)
     assert ql.prepare("auto").backend == "cpu_fused" and ql.path(10**6) == "cpu_tiled"
@@ -249,7 +282,8 @@ def test_pack_load_round_trip_logits(tiny_vlm, tmp_path, bits, act_order):
                 assert torch.equal(q, solved[l][f"{name}.int_weight"].to(torch.int32))
         with torch.no_grad():
             got = loaded(**inputs).logits
-        tol = 2e-2 if backend == "aten_int4" else 1e-3
+        # bf16 activations (aten_int4; cpu_tiled_bf16 forced on this float32 model): bf16's tolerance
+        tol = 2e-2 if backend in ("aten_int4", "cpu_tiled_bf16") else 1e-3
         assert _rel(got, ref) < tol, (backend, _rel(got, ref))
 
 
@@ -304,7 +338,7 @@ def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tm
               "latency": {"shapes": [[256, 128]], "bits": [4, 2], "group_size": 64, "batches": [1, 4], "runs": 3,
                           "warmup": 1, "decode_tokens": 3, "decode_runs": 1, "prefill_from": 4,
                           "dense_dtypes": ["float32", "bfloat16"],
-                          "backends": ["auto", "aten_int4", "dequant", "reference"]}}
+                          "backends": ["auto", "aten_int4", "dequant", "reference", "cpu_tiled_bf16"]}}
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump(params))
     prepare_calib(p)
@@ -333,13 +367,19 @@ def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tm
 
     from benchmarks.latency import run_benchmark
 
+    import vlmq.qlinear  # as on a machine with AMX: bf16 activations are timed too (auto and cpu_tiled_bf16)
+
+    monkeypatch.setattr(vlmq.qlinear, "bf16_gemm_fast", lambda: True)
     rep = run_benchmark(p, out=str(tmp_path / "reports" / "latency.json"), log=lambda s: None)
-    kinds = {(r["dtype_or_bits"], r["backend"], r["path"], r["batch"], r["cache"].replace("cold_partial", "cold"))
-             for r in rep["results"]}
+    assert rep["machine"]["bf16_gemm_fast"] is True
+    kinds = {(r["dtype_or_bits"], r["backend"], r["path"], r["batch"], r["cache"].replace("cold_partial", "cold"),
+              r["act_dtype"]) for r in rep["results"]}
     for cache in ("cold", "warm"):
-        assert {("float32", "dense", "dense", 1, cache), (4, "aten_int4", "aten_int4", 4, cache),
-                (2, "dequant", "dequant", 1, cache), (2, "auto", "cpu_fused", 1, cache),
-                (2, "auto", "cpu_tiled", 4, cache)} <= kinds, kinds
+        assert {("float32", "dense", "dense", 1, cache, "float32"), (4, "aten_int4", "aten_int4", 4, cache, "float32"),
+                (2, "dequant", "dequant", 1, cache, "float32"), (2, "auto", "cpu_fused", 1, cache, "float32"),
+                (2, "auto", "cpu_tiled", 4, cache, "float32"), (2, "auto", "cpu_tiled_bf16", 4, cache, "bfloat16"),
+                (2, "auto", "cpu_fused", 1, cache, "bfloat16"),
+                (4, "cpu_tiled_bf16", "cpu_tiled_bf16", 4, cache, "bfloat16")} <= kinds, kinds
     assert all(r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["floor_ms"] > 0 for r in rep["results"])
     # cold: copies rotated through more than twice the last-level cache (toy shapes: capped at
     # MAX_COPIES, then labelled cold_partial); warm: one copy
@@ -351,12 +391,14 @@ def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tm
     assert all(r["copies"] == MAX_COPIES for r in rep["results"] if r["cache"] == "cold_partial")
     assert all(r["copies"] == 1 for r in rep["results"] if r["cache"] == "warm")
     e2e = rep["end_to_end"]
-    assert [(r["weights"], r["backend"]) for r in e2e] == [("float32", "dense"), ("bfloat16", "dense"), (4, "auto"),
-                                                           (2, "auto")]
+    assert [(r["weights"], r["backend"], r["dtype"]) for r in e2e] == [
+        ("float32", "dense", "float32"), ("bfloat16", "dense", "bfloat16"), (4, "auto", "float32"),
+        (4, "auto", "bfloat16"), (2, "auto", "float32"), (2, "auto", "bfloat16")]
     assert all(r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["prompt_tokens"] > 16 for r in e2e)
     assert e2e[2]["disk_bytes"] < e2e[0]["disk_bytes"]
     md = latency_tables(tmp_path / "reports" / "latency.json", tmp_path / "reports" / "pack.json")
     assert "| (256, 128) | 4 | warm | W2g64 | auto (cpu_tiled) |" in md and "End to end: one image question" in md
+    assert "| W2g64 | auto (cpu_tiled_bf16), x bfloat16 |" in md and "| W4 (bfloat16) | auto |" in md
     from benchmarks.latency import plot_sweep, speedup_table
 
     tab = speedup_table(rep)

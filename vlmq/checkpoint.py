@@ -180,14 +180,15 @@ def _quantized_names(state_keys: list[str]) -> list[str]:
 
 
 def load_packed(path: str | Path, backend: str = "auto", dtype: torch.dtype = torch.float32,
-                verify: bool = True, load_processor: bool = True, prefill_from: int | None = None):
+                verify: bool = True, load_processor: bool = True, prefill_from: int | None = None,
+                bf16_prefill: bool | None = None):
     """Load a packed GPTQ checkpoint (ours, or another GPTQ tool's in the same layout) into a model
     whose quantized linears are :class:`~vlmq.qlinear.QuantLinear` running ``backend``.
 
     Returns ``(model, processor_or_None, quantization_config)``. Checks: the manifest's sha256
     (when present and ``verify``), and that bits / group size in the config agree with every
-    tensor's shape. ``prefill_from``: see :meth:`~vlmq.qlinear.QuantLinear.prepare` (``None``: the
-    library default).
+    tensor's shape. ``prefill_from``, ``bf16_prefill``: see :meth:`~vlmq.qlinear.QuantLinear.prepare`
+    (``None``: the library default).
     """
     from safetensors import safe_open
 
@@ -251,7 +252,7 @@ def load_packed(path: str | Path, backend: str = "auto", dtype: torch.dtype = to
             getattr(model.config, "text_config", None), "tie_word_embeddings", False):
         model.tie_weights()
     for name in qnames:
-        model.get_submodule(name).prepare(backend, compute_dtype=dtype,
+        model.get_submodule(name).prepare(backend, compute_dtype=dtype, bf16_prefill=bf16_prefill,
                                           **({} if prefill_from is None else {"prefill_from": prefill_from}))
     model.eval()
     processor = _load_processor(str(path)) if load_processor and (path / "tokenizer_config.json").is_file() else None

@@ -25,6 +25,13 @@ s[o, g_idx[i]]`` through one of these backends:
   purpose: bfloat16 tiles (AMX/AVX-512-BF16 machines) move the demo model's logits by 8.6e-3
   relative from rounding the weights alone, 1.4e-2 with the activations
   (``benchmarks/prefill_precision.py``), above the 1e-3 the kernels are held to.
+* ``cpu_tiled_bf16`` — the prefill path for bfloat16 activations (a model run in bf16) on machines
+  whose bf16 GEMM is fast (AMX): each dequantized weight is held *exactly* as two bf16 numbers,
+  ``W = W_hi + W_lo`` (2–4 bits: ``(q − z)·s`` has at most 4 + 11 significant bits; 8 bits: to
+  ~2⁻¹⁷), and one bf16 GEMM over ``[x | x]`` and ``[W_hi; W_lo]`` (2K inputs, float32 accumulation)
+  gives the reference's float32 product of the bf16 ``x`` up to summation order, rounded once to bf16
+  as the reference's output is. Twice the GEMM work of a dense bf16 layer, in the unit that makes
+  dense bf16 fast. Float32 ``x`` is rounded to bf16 first (then it is not the reference's result).
 * ``aten_int4`` — 4-bit only: PyTorch's CPU int4 weight-packed matmul
   (``aten._weight_int4pack_mm_for_cpu``, bf16 activations). GPTQ's integer zero point ``z`` maps
   to the kernel's float offset ``(8 − z)·s`` exactly, because ``(q − z)·s = (q − 8)·s + (8 − z)·s``.
@@ -34,7 +41,9 @@ s[o, g_idx[i]]`` through one of these backends:
 :func:`available_backends` says which backends apply to a bit width on this machine, in the order
 ``backend="auto"`` tries them; it takes the first that accepts the layer. With the compiled kernel
 that is ``cpu_fused`` *per call by the number of rows*: below ``prefill_from`` rows (decode) the
-fused kernel, from it on (prefill) ``cpu_tiled`` (crossover measured, README "Kernels").
+fused kernel, from it on (prefill) ``cpu_tiled`` (crossover measured, README "Kernels"), or
+``cpu_tiled_bf16`` for bf16 activations where :func:`bf16_gemm_fast` (AMX; else bf16 GEMMs are
+slower than float32 ones: 8× at (3584, 3584), M = 1024, on an AVX2 machine).
 ``aten_int4`` (bfloat16 activations: ~1e-2 from the reference) is never chosen by ``auto``.
 """
 
@@ -46,11 +55,19 @@ import torch.nn.functional as F
 
 from vlmq.pack import unpack_linear
 
-BACKENDS = ("auto", "reference", "dequant", "aten_int4", "cpu_fused", "cpu_tiled")
+BACKENDS = ("auto", "reference", "dequant", "aten_int4", "cpu_fused", "cpu_tiled", "cpu_tiled_bf16")
+KERNEL_BACKENDS = ("cpu_fused", "cpu_tiled", "cpu_tiled_bf16")  # one layout: switching among them is free
 KERNEL_BLOCK = 64  # output columns per block of the cpu_fused layout (NB in gptq_cpu.cpp)
 PREFILL_FROM = 16  # backend="auto": rows per call from which cpu_tiled runs (params `latency.prefill_from`)
 TILE_COLS, TILE_K = 2, 1024  # cpu_tiled: kernel blocks (of 64 columns) and inputs per dequantized tile
 TILE_SPLIT_FROM = 768  # cpu_tiled: from this many rows, 512-column tiles shared by all threads (rows split; README)
+TILE_COLS_BF16, TILE_K_BF16 = 1, 256  # cpu_tiled_bf16: blocks per [2K, 64] bf16 tile; inputs per dequantized chunk
+
+
+def bf16_gemm_fast() -> bool:
+    """Whether bf16 GEMMs are fast here: the CPU has AMX tiles (torch's oneDNN then uses them)."""
+    f = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(f and f())
 
 
 def _has_cpu_fused() -> bool:
@@ -74,7 +91,7 @@ def available_backends(bits: int, device: str = "cpu") -> list[str]:
     out = []
     if device == "cpu":
         if _has_cpu_fused():
-            out += ["cpu_fused", "cpu_tiled"]
+            out += list(KERNEL_BACKENDS)
         if bits == 4 and _has_aten_int4():
             out.append("aten_int4")
     return out + ["dequant", "reference"]
@@ -96,13 +113,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.backend = "reference"
         self._prefill_from: int | None = None  # set by prepare("auto") on the kernel: see path()
+        self._bf16_prefill = False  # auto: bf16 activations from prefill_from rows run cpu_tiled_bf16
         self._kernel = None  # the compiled extension, for cpu_fused / cpu_tiled
         self.compute_dtype = torch.float32
         self._prepared: dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
         backend = self.backend if self._prefill_from is None else (
-            f"auto (cpu_fused below {self._prefill_from} rows, cpu_tiled from {self._prefill_from})")
+            f"auto (cpu_fused below {self._prefill_from} rows, cpu_tiled from {self._prefill_from}"
+            + (", cpu_tiled_bf16 for bf16 activations)" if self._bf16_prefill else ")"))
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, backend={backend}")
 
@@ -119,7 +138,8 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def prepare(self, backend: str = "auto", compute_dtype: torch.dtype | None = None,
-                isa: str | None = None, prefill_from: int = PREFILL_FROM) -> "QuantLinear":
+                isa: str | None = None, prefill_from: int = PREFILL_FROM,
+                bf16_prefill: bool | None = None) -> "QuantLinear":
         """Convert the stored tensors to ``backend``'s layout (once, after loading).
 
         ``auto`` tries :func:`available_backends` in order and takes the first one that accepts this
@@ -127,7 +147,8 @@ class QuantLinear(nn.Module):
         ``isa`` (``cpu_fused``/``cpu_tiled``): force the kernel's instruction set (``avx512``,
         ``avx2``, ``generic``; default: the best this CPU runs, :func:`vlmq.kernels.kernel_isa`).
         ``prefill_from`` (``auto`` only): calls with at least this many rows run ``cpu_tiled``, fewer
-        ``cpu_fused``.
+        ``cpu_fused``; ``bf16_prefill`` (``auto`` only; default :func:`bf16_gemm_fast`): those calls
+        run ``cpu_tiled_bf16`` when the activations are bf16.
         """
         if prefill_from < 1:
             raise ValueError(f"prefill_from={prefill_from}: must be >= 1")
@@ -135,7 +156,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         ok = available_backends(self.bits, self.qweight.device.type)
         if backend == "auto":
-            cands = [c for c in ok if c not in ("aten_int4", "cpu_tiled")]
+            cands = [c for c in ok if c not in ("aten_int4", "cpu_tiled", "cpu_tiled_bf16")]
             for cand in cands:
                 try:
                     self.prepare(cand, compute_dtype, isa)
@@ -144,11 +165,12 @@ class QuantLinear(nn.Module):
                         raise
                     continue
                 self._prefill_from = prefill_from if cand == "cpu_fused" else None
+                self._bf16_prefill = cand == "cpu_fused" and (bf16_gemm_fast() if bf16_prefill is None else bf16_prefill)
                 return self
         elif backend not in ok:
             raise ValueError(f"backend {backend!r} cannot run {self.bits}-bit weights on "
                              f"{self.qweight.device.type}; available: {ok}")
-        kernel = backend in ("cpu_fused", "cpu_tiled")
+        kernel = backend in KERNEL_BACKENDS
         if isa is not None and kernel:
             from vlmq.kernels import kernel_isas
 
@@ -163,7 +185,7 @@ class QuantLinear(nn.Module):
             from vlmq.kernels import kernel_isa
 
             dtype = torch.float32
-            if self.backend in ("cpu_fused", "cpu_tiled"):  # same layout: switching is free
+            if self.backend in KERNEL_BACKENDS:  # same layout: switching is free
                 prepared = self._prepared
             else:
                 prepared.update(_cpu_fused_prepare(*self.unpacked(), self.group_size, self.bits, self.qweight))
@@ -174,7 +196,7 @@ class QuantLinear(nn.Module):
         else:
             dtype = self.compute_dtype
         self._prepared, self._group, self.compute_dtype = prepared, group, dtype
-        self.backend, self._prefill_from = backend, None
+        self.backend, self._prefill_from, self._bf16_prefill = backend, None, False
         if kernel:
             from vlmq.kernels import gptq_cpu
 
@@ -183,10 +205,11 @@ class QuantLinear(nn.Module):
             self._kernel = None
         return self
 
-    def path(self, rows: int) -> str:
-        """The backend a call with ``rows`` rows runs (``auto`` on the kernel: by ``prefill_from``)."""
+    def path(self, rows: int, dtype: torch.dtype = torch.float32) -> str:
+        """The backend a call with ``rows`` rows of ``dtype`` runs (``auto`` on the kernel: by
+        ``prefill_from``, and bf16 activations by ``bf16_prefill``)."""
         if self._prefill_from is not None and rows >= self._prefill_from:
-            return "cpu_tiled"
+            return "cpu_tiled_bf16" if self._bf16_prefill and dtype == torch.bfloat16 else "cpu_tiled"
         return self.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,17 +225,26 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if "perm" in p:
             x2 = x2.index_select(1, p["perm"])
-        if self._kernel is not None:  # cpu_fused / cpu_tiled (a decode step: keep the Python path short)
-            args = (x2.float().contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits, self._group,
-                    self.out_features, self._isa)
-            if self.path(x2.shape[0]) == "cpu_tiled":
-                y = self._kernel.gptq_gemm_tiled(*args, TILE_COLS, TILE_K, TILE_SPLIT_FROM)
+        if self._kernel is not None:  # the kernel layout (a decode step: keep the Python path short)
+            path = self.path(x2.shape[0], x2.dtype)
+            if path == "cpu_tiled_bf16":  # the bias inside the GEMM: added before its one rounding
+                y = self._kernel.gptq_gemm_tiled_bf16(
+                    x2.to(torch.bfloat16).contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits, self._group,
+                    self.out_features, self._isa, TILE_COLS_BF16, TILE_K_BF16,
+                    None if self.bias is None else self.bias.float().contiguous())
+                y = y.reshape(*shape[:-1], self.out_features)
+                return y if y.dtype == x.dtype else y.to(x.dtype)
             else:
-                y = self._kernel.gptq_gemm(*args)
+                args = (x2.float().contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits, self._group,
+                        self.out_features, self._isa)
+                if path == "cpu_tiled":
+                    y = self._kernel.gptq_gemm_tiled(*args, TILE_COLS, TILE_K, TILE_SPLIT_FROM)
+                else:
+                    y = self._kernel.gptq_gemm(*args)
             y = y.reshape(*shape[:-1], self.out_features)
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
-            return y if self.bias is None else y + self.bias.to(x.dtype)
+            if self.bias is not None:  # in float32, before the one rounding to x's dtype (as the reference)
+                y = y + self.bias.float()
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), p["packed"],
                                                        self._group, p["scales_and_zeros"])
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)

@@ -55,6 +55,7 @@ struct Job {
 };
 using BlockFn = void (*)(const Job&, int64_t, int64_t);
 using DequantFn = void (*)(const Job&, int64_t, int64_t, int64_t, float*, int64_t);  // block, k0, k1, out, ld
+using SplitFn = void (*)(const float*, int64_t, uint16_t*, uint16_t*);                 // values, n, hi, lo
 
 // ---- portable: GCC/Clang vector extensions (SSE2 on a baseline x86-64, NEON on arm64, ...) ----
 namespace generic {
@@ -247,14 +248,31 @@ BlockFn pick(const std::string& isa, int64_t bits) {
   return generic::block_fn((int)bits);
 }
 
+DequantFn pick_dequant(const std::string& isa, int64_t bits) {
+#ifdef VLMQ_X86
+  if (isa == "avx512") return avx512::dequant_fn((int)bits);
+  if (isa == "avx2") return avx2::dequant_fn((int)bits);
+#endif
+  return generic::dequant_fn((int)bits);
+}
+
+SplitFn pick_split(const std::string& isa) {
+#ifdef VLMQ_X86
+  if (isa == "avx512") return &avx512::split_bf16;
+  if (isa == "avx2") return &avx2::split_bf16;
+#endif
+  return &generic::split_bf16;
+}
+
 }  // namespace
 
 namespace {
 
 // Checks the arguments of both entry points; returns the instruction set to run.
 std::string check_args(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scales,
-                       const torch::Tensor& zeros, int64_t bits, int64_t group, int64_t N, std::string isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, K]");
+                       const torch::Tensor& zeros, int64_t bits, int64_t group, int64_t N, std::string isa,
+                       torch::ScalarType xt = torch::kFloat32) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == xt && x.is_contiguous(), "x: contiguous ", xt, " [M, K]");
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
   const int64_t K = x.size(1);
   TORCH_CHECK(group % 32 == 0 && group > 0 && K % group == 0, "group must be a multiple of 32 dividing K");
@@ -346,13 +364,7 @@ torch::Tensor gptq_gemm_tiled(torch::Tensor x, torch::Tensor qw, torch::Tensor s
                               int64_t split_from) {
   isa = check_args(x, qw, scales, zeros, bits, group, N, isa);
   TORCH_CHECK(cols >= 1 && kc >= 32, "cols >= 1 and kc >= 32");
-  DequantFn fn = nullptr;
-#ifdef VLMQ_X86
-  if (isa == "avx512") fn = avx512::dequant_fn((int)bits);
-  else if (isa == "avx2") fn = avx2::dequant_fn((int)bits);
-  else
-#endif
-    fn = generic::dequant_fn((int)bits);
+  const DequantFn fn = pick_dequant(isa, bits);
   const int64_t M = x.size(0), K = x.size(1), nblocks = (N + NB - 1) / NB;
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
@@ -414,6 +426,67 @@ torch::Tensor gptq_gemm_tiled(torch::Tensor x, torch::Tensor qw, torch::Tensor s
   return y;
 }
 
+// bfloat16 prefill path (machines whose bf16 GEMM is fast: AMX): y = x W^T for bf16 x, with W
+// exact in two bf16 parts, W = W_hi + W_lo (split_bf16), as ONE GEMM over 2K inputs,
+// [x | x] [W_hi; W_lo]^T: every product is exact and the GEMM accumulates in float32, so y is the
+// reference's float32 result up to summation order, rounded once to bf16. Each thread takes `cols`
+// column blocks, dequantizes them in chunks of `kc` inputs (float32 scratch) into a [2K, cols * 64]
+// bf16 tile of its own, and multiplies it with torch's GEMM (oneDNN, single-threaded inside the
+// parallel region); a bf16 GEMM's output is rounded per call, hence one call over all of K. A
+// float32 bias joins the same GEMM as 3 more inputs, ones times its 3 exact bf16 parts, so that it is
+// added before the one rounding, as the reference adds it.
+torch::Tensor gptq_gemm_tiled_bf16(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, torch::Tensor zeros,
+                                   int64_t bits, int64_t group, int64_t N, std::string isa, int64_t cols,
+                                   int64_t kc, std::optional<torch::Tensor> bias) {
+  isa = check_args(x, qw, scales, zeros, bits, group, N, isa, torch::kBFloat16);
+  TORCH_CHECK(cols >= 1 && kc >= 32, "cols >= 1 and kc >= 32");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->dim() == 1 &&
+                bias->size(0) == N, "bias: contiguous float32 [N]");
+  const DequantFn fn = pick_dequant(isa, bits);
+  const SplitFn split = pick_split(isa);
+  const int64_t M = x.size(0), K = x.size(1), nblocks = (N + NB - 1) / NB;
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  kc = std::min<int64_t>(K, kc / 32 * 32);
+  const int64_t extra = has_bias ? 3 : 0, K2 = 2 * K + extra;
+  const auto x2 = has_bias ? torch::cat({x, x, torch::ones({x.size(0), extra}, x.options())}, 1) : torch::cat({x, x}, 1);
+  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
+  const Job job{nullptr, nullptr, M, K, K / group, group, N, reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>()),
+                reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), zeros.data_ptr<uint8_t>(), nullptr};
+  const int64_t nunits = (nblocks + cols - 1) / cols;
+  const int64_t nt = std::min<int64_t>({(int64_t)at::get_num_threads(), nunits, std::max<int64_t>(1, M * K * N >> 20)});
+  over_blocks(nunits, nt, [&](int64_t u0, int64_t u1) {
+    const int64_t width = cols * NB;
+    std::vector<float> scratch(kc * width);
+    auto tile = torch::empty({K2, width}, x.options());
+    uint16_t* tp = reinterpret_cast<uint16_t*>(tile.data_ptr<at::BFloat16>());
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b0 = u * cols, b1 = std::min(nblocks, b0 + cols), w = (b1 - b0) * NB;
+      for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t k1 = std::min(K, k0 + kc);
+        for (int64_t b = b0; b < b1; ++b) fn(job, b, k0, k1, scratch.data() + (b - b0) * NB, width);
+        split(scratch.data(), (k1 - k0) * width, tp + k0 * width, tp + (K + k0) * width);
+      }
+      const int64_t n0 = b0 * NB, nb = std::min(N, b1 * NB) - n0;
+      if (has_bias) {  // rows 2K..2K+2: b = b1 + b2 + b3 exactly (3 x 8 significant bits hold float32's 24)
+        uint16_t* rows = tp + 2 * K * width;
+        for (int64_t c = 0; c < width; ++c) {
+          float r = c < nb ? bp[n0 + c] : 0.f;
+          for (int i = 0; i < 3; ++i) {
+            const at::BFloat16 h(r);  // round to nearest even
+            rows[i * width + c] = h.x;
+            r -= static_cast<float>(h);  // exact (Sterbenz)
+          }
+        }
+      }
+      y.narrow(1, n0, nb).copy_(at::mm(x2, tile.narrow(1, 0, w)).narrow(1, 0, nb));
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gptq_gemm", &gptq_gemm, "fused unpack-dequantize-matmul of GPTQ words in the blocked kernel layout (CPU)",
         pybind11::arg("x"), pybind11::arg("qw"), pybind11::arg("scales"), pybind11::arg("zeros"),
@@ -423,6 +496,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("qw"), pybind11::arg("scales"), pybind11::arg("zeros"),
         pybind11::arg("bits"), pybind11::arg("group"), pybind11::arg("n"), pybind11::arg("isa") = "",
         pybind11::arg("cols") = 2, pybind11::arg("kc") = 1024, pybind11::arg("split_from") = 0);
+  m.def("gptq_gemm_tiled_bf16", &gptq_gemm_tiled_bf16,
+        "bf16 prefill path: tiles of the blocked GPTQ words as exact bf16 pairs, one bf16 GEMM over [x | x]",
+        pybind11::arg("x"), pybind11::arg("qw"), pybind11::arg("scales"), pybind11::arg("zeros"),
+        pybind11::arg("bits"), pybind11::arg("group"), pybind11::arg("n"), pybind11::arg("isa") = "",
+        pybind11::arg("cols") = 1, pybind11::arg("kc") = 256, pybind11::arg("bias") = pybind11::none());
   m.def("isas", &isas, "instruction sets this CPU can run, best first");
   m.attr("NB") = NB;
 }
