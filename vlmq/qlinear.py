@@ -22,9 +22,9 @@ s[o, g_idx[i]]`` through one of these backends:
   and multiplies them with torch's GEMM (MKL/oneDNN); from ``TILE_SPLIT_FROM`` rows all threads
   share 512-column tiles and split the rows. The decode is paid once per weight, not once per
   weight and group of 4 rows, so at many rows (prefill) it runs at the GEMM's speed. Float32 on
-  purpose: bfloat16 tiles (AMX/AVX-512-BF16 machines) move the demo model's logits by 8.6e-3
-  relative from rounding the weights alone, 1.4e-2 with the activations
-  (``benchmarks/prefill_precision.py``), above the 1e-3 the kernels are held to.
+  purpose: plain bfloat16 tiles move the demo model's logits by 8.6e-3 relative from rounding the
+  weights alone, 1.4e-2 with the activations (``benchmarks/prefill_precision.py``), above the 1e-3
+  the kernels are held to (``cpu_tiled_bf16`` below rounds no weight).
 * ``cpu_tiled_bf16`` — the prefill path for bfloat16 activations (a model run in bf16) on machines
   whose bf16 GEMM is fast (AMX): each dequantized weight is held *exactly* as two bf16 numbers,
   ``W = W_hi + W_lo`` (2–4 bits: ``(q − z)·s`` has at most 4 + 11 significant bits; 8 bits: to
@@ -234,13 +234,12 @@ class QuantLinear(nn.Module):
                     None if self.bias is None else self.bias.float().contiguous())
                 y = y.reshape(*shape[:-1], self.out_features)
                 return y if y.dtype == x.dtype else y.to(x.dtype)
+            args = (x2.float().contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits, self._group,
+                    self.out_features, self._isa)
+            if path == "cpu_tiled":
+                y = self._kernel.gptq_gemm_tiled(*args, TILE_COLS, TILE_K, TILE_SPLIT_FROM)
             else:
-                args = (x2.float().contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits, self._group,
-                        self.out_features, self._isa)
-                if path == "cpu_tiled":
-                    y = self._kernel.gptq_gemm_tiled(*args, TILE_COLS, TILE_K, TILE_SPLIT_FROM)
-                else:
-                    y = self._kernel.gptq_gemm(*args)
+                y = self._kernel.gptq_gemm(*args)
             y = y.reshape(*shape[:-1], self.out_features)
             if self.bias is not None:  # in float32, before the one rounding to x's dtype (as the reference)
                 y = y + self.bias.float()
