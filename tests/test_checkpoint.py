@@ -121,10 +121,10 @@ def _check_isas(bits, isas, cases, g):
             # a rounding; W rounded to bf16 alone matches ~60 % of the outputs), every tile shape
             xb = xp.bfloat16().contiguous()
             Wp = Wd.index_select(1, p["perm"]) if "perm" in p else Wd
-            for cols, kc in ((1, 256), (1, 32), (3, 96)):
+            for cols, kc, split_from in ((1, 256, 0), (1, 32, 0), (3, 96, 0), (1, 64, 1)):  # 1: wide tiles
                 y = gptq_cpu().gptq_gemm_tiled_bf16(xb, p["qweight"], p["scales"], p["zeros"], bits, group, out_f,
-                                                    isa, cols, kc)
-                _check_bf16_exact(y, xb, Wp, (isa, cols, kc, bits, out_f, in_f, gs, batch))
+                                                    isa, cols, kc, None, split_from)
+                _check_bf16_exact(y, xb, Wp, (isa, cols, kc, split_from, bits, out_f, in_f, gs, batch))
             y = ql.prepare("cpu_tiled_bf16", isa=isa)(x.bfloat16())  # the backend (act_order: x permuted)
             _check_bf16_exact(y, x.bfloat16(), Wd, (isa, "backend", bits, out_f, in_f, gs, batch))
         assert torch.equal(ql.prepare("cpu_fused", isa=None)(x), ql.prepare("cpu_fused", isa=isas[0])(x))
@@ -143,6 +143,39 @@ def _check_isas(bits, isas, cases, g):
         auto = ql.prepare("auto", prefill_from=batch, bf16_prefill=False)
         assert auto.path(batch, torch.bfloat16) == "cpu_tiled"
         assert torch.equal(auto(xb), ql.prepare("cpu_tiled")(xb.float()).bfloat16())
+
+
+def test_cpu_tiled_bf16_adds_the_bias_before_its_one_rounding():
+    """The bias as 3 more GEMM inputs (ones × its exact bf16 parts): y is bf16(x Wᵀ + b) of float64,
+    per-thread and wide tiles, column tails, each ISA; a bias added after the rounding fails this."""
+    from vlmq.kernels import gptq_cpu, kernel_isas
+
+    g = torch.Generator().manual_seed(zlib.crc32(b"bf16bias"))
+    out_f, in_f, gs, bits = 608, 384, 128, 4  # 608 outputs: 9 blocks of 64 and a tail of 32
+    q, s, z, g_idx = rtn(torch.randn(out_f, in_f, generator=g), bits, gs)
+    t = pack_linear(q, s, z, g_idx, bits, "gptq_v2")
+    bias = torch.randn(out_f, generator=g) * 3
+    ql = QuantLinear(in_f, out_f, bits, gs, True, "gptq_v2")
+    ql.load_state_dict({**t, "bias": bias})
+    Wd = dequantize(q.double(), t["scales"].T.double(), z.double(), g_idx)
+    x = (torch.randn(40, in_f, generator=g) * 2).bfloat16()
+    ones = torch.ones(40, 1, dtype=torch.bfloat16)
+    xa, Wa = torch.cat([x, ones], 1), torch.cat([Wd, bias.double()[:, None]], 1)  # x Wᵀ + b as one product
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        p = ql.prepare("cpu_tiled_bf16")._prepared
+        for isa in kernel_isas():
+            for split_from in (0, 1):
+                y = gptq_cpu().gptq_gemm_tiled_bf16(x, p["qweight"], p["scales"], p["zeros"], bits, gs, out_f, isa,
+                                                    1, 256, bias, split_from)
+                _check_bf16_exact(y, xa, Wa, (isa, split_from))
+        _check_bf16_exact(ql(x), xa, Wa, "backend")
+        late = (gptq_cpu().gptq_gemm_tiled_bf16(x, p["qweight"], p["scales"], p["zeros"], bits, gs, out_f) + bias).bfloat16()
+        with pytest.raises(AssertionError):
+            _check_bf16_exact(late, xa, Wa, "bias after the rounding")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_bf16_exact(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor, what) -> None:

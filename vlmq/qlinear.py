@@ -62,6 +62,7 @@ PREFILL_FROM = 16  # backend="auto": rows per call from which cpu_tiled runs (pa
 TILE_COLS, TILE_K = 2, 1024  # cpu_tiled: kernel blocks (of 64 columns) and inputs per dequantized tile
 TILE_SPLIT_FROM = 768  # cpu_tiled: from this many rows, 512-column tiles shared by all threads (rows split; README)
 TILE_COLS_BF16, TILE_K_BF16 = 1, 256  # cpu_tiled_bf16: blocks per [2K, 64] bf16 tile; inputs per dequantized chunk
+# (cpu_tiled_bf16 from TILE_SPLIT_FROM rows: 512-column tiles filled by all threads, one threaded GEMM each)
 
 
 def bf16_gemm_fast() -> bool:
@@ -231,7 +232,7 @@ class QuantLinear(nn.Module):
                 y = self._kernel.gptq_gemm_tiled_bf16(
                     x2.to(torch.bfloat16).contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits, self._group,
                     self.out_features, self._isa, TILE_COLS_BF16, TILE_K_BF16,
-                    None if self.bias is None else self.bias.float().contiguous())
+                    None if self.bias is None else self.bias.float().contiguous(), TILE_SPLIT_FROM)
                 y = y.reshape(*shape[:-1], self.out_features)
                 return y if y.dtype == x.dtype else y.to(x.dtype)
             args = (x2.float().contiguous(), p["qweight"], p["scales"], p["zeros"], self.bits, self._group,

@@ -429,15 +429,18 @@ torch::Tensor gptq_gemm_tiled(torch::Tensor x, torch::Tensor qw, torch::Tensor s
 // bfloat16 prefill path (machines whose bf16 GEMM is fast: AMX): y = x W^T for bf16 x, with W
 // exact in two bf16 parts, W = W_hi + W_lo (split_bf16), as ONE GEMM over 2K inputs,
 // [x | x] [W_hi; W_lo]^T: every product is exact and the GEMM accumulates in float32, so y is the
-// reference's float32 result up to summation order, rounded once to bf16. Each thread takes `cols`
-// column blocks, dequantizes them in chunks of `kc` inputs (float32 scratch) into a [2K, cols * 64]
-// bf16 tile of its own, and multiplies it with torch's GEMM (oneDNN, single-threaded inside the
-// parallel region); a bf16 GEMM's output is rounded per call, hence one call over all of K. A
-// float32 bias joins the same GEMM as 3 more inputs, ones times its 3 exact bf16 parts, so that it is
-// added before the one rounding, as the reference adds it.
+// reference's float32 result up to summation order, rounded once to bf16. A bf16 GEMM's output is
+// rounded per call, hence one call over all of K, and a float32 bias joins it as 3 more inputs (ones
+// times its 3 exact bf16 parts), added before the one rounding as the reference adds it.
+// Below `split_from` rows (0: always) each thread takes `cols` column blocks at a time, dequantizes
+// them in chunks of `kc` inputs (float32 scratch) into a [2K(+3), cols * 64] bf16 tile of its own and
+// multiplies it with torch's GEMM (single-threaded inside the parallel region). From `split_from`
+// rows all threads fill one tile of 8 blocks (512 columns) together and torch's GEMM multiplies it
+// with all threads: a GEMM call re-reads (packs) all of x, so narrow tiles at many rows would pay
+// that once per 64 outputs.
 torch::Tensor gptq_gemm_tiled_bf16(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, torch::Tensor zeros,
                                    int64_t bits, int64_t group, int64_t N, std::string isa, int64_t cols,
-                                   int64_t kc, std::optional<torch::Tensor> bias) {
+                                   int64_t kc, std::optional<torch::Tensor> bias, int64_t split_from) {
   isa = check_args(x, qw, scales, zeros, bits, group, N, isa, torch::kBFloat16);
   TORCH_CHECK(cols >= 1 && kc >= 32, "cols >= 1 and kc >= 32");
   const bool has_bias = bias.has_value() && bias->defined();
@@ -450,38 +453,55 @@ torch::Tensor gptq_gemm_tiled_bf16(torch::Tensor x, torch::Tensor qw, torch::Ten
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   kc = std::min<int64_t>(K, kc / 32 * 32);
-  const int64_t extra = has_bias ? 3 : 0, K2 = 2 * K + extra;
-  const auto x2 = has_bias ? torch::cat({x, x, torch::ones({x.size(0), extra}, x.options())}, 1) : torch::cat({x, x}, 1);
+  const int64_t K2 = 2 * K + (has_bias ? 3 : 0);
+  const auto x2 = has_bias ? torch::cat({x, x, torch::ones({M, 3}, x.options())}, 1) : torch::cat({x, x}, 1);
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   const Job job{nullptr, nullptr, M, K, K / group, group, N, reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>()),
                 reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), zeros.data_ptr<uint8_t>(), nullptr};
+  // blocks [b0, b1) into the columns from c0 of a [K2, ld] bf16 tile: W_hi rows, W_lo rows, bias rows
+  auto fill = [&](uint16_t* tp, int64_t ld, int64_t c0, int64_t b0, int64_t b1, float* scratch) {
+    const int64_t w = (b1 - b0) * NB;
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t k1 = std::min(K, k0 + kc);
+      for (int64_t b = b0; b < b1; ++b) fn(job, b, k0, k1, scratch + (b - b0) * NB, w);
+      for (int64_t r = 0; r < k1 - k0; ++r) split(scratch + r * w, w, tp + (k0 + r) * ld + c0, tp + (K + k0 + r) * ld + c0);
+    }
+    for (int64_t c = 0; has_bias && c < w; ++c) {  // b = b1 + b2 + b3 exactly (3 x 8 significant bits hold 24)
+      float r = b0 * NB + c < N ? bp[b0 * NB + c] : 0.f;
+      for (int i = 0; i < 3; ++i) {
+        const at::BFloat16 h(r);  // round to nearest even
+        tp[(2 * K + i) * ld + c0 + c] = h.x;
+        r -= static_cast<float>(h);  // exact (Sterbenz)
+      }
+    }
+  };
+  const int64_t threads = at::get_num_threads();
+  if (split_from > 0 && M >= split_from && threads > 1) {
+    constexpr int64_t WIDE = 8;
+    const int64_t wb = std::min<int64_t>(nblocks, WIDE);
+    auto tile = torch::empty({K2, wb * NB}, x.options());
+    uint16_t* tp = reinterpret_cast<uint16_t*>(tile.data_ptr<at::BFloat16>());
+    for (int64_t b0 = 0; b0 < nblocks; b0 += wb) {
+      const int64_t b1 = std::min(nblocks, b0 + wb), n0 = b0 * NB, nb = std::min(N, b1 * NB) - n0;
+      over_blocks(b1 - b0, std::min(threads, b1 - b0), [&](int64_t u0, int64_t u1) {
+        std::vector<float> scratch(kc * NB);
+        for (int64_t u = u0; u < u1; ++u) fill(tp, wb * NB, u * NB, b0 + u, b0 + u + 1, scratch.data());
+      });
+      y.narrow(1, n0, nb).copy_(at::mm(x2, tile.narrow(1, 0, (b1 - b0) * NB)).narrow(1, 0, nb));
+    }
+    return y;
+  }
   const int64_t nunits = (nblocks + cols - 1) / cols;
-  const int64_t nt = std::min<int64_t>({(int64_t)at::get_num_threads(), nunits, std::max<int64_t>(1, M * K * N >> 20)});
+  const int64_t nt = std::min<int64_t>({threads, nunits, std::max<int64_t>(1, M * K * N >> 20)});
   over_blocks(nunits, nt, [&](int64_t u0, int64_t u1) {
     const int64_t width = cols * NB;
     std::vector<float> scratch(kc * width);
     auto tile = torch::empty({K2, width}, x.options());
     uint16_t* tp = reinterpret_cast<uint16_t*>(tile.data_ptr<at::BFloat16>());
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b0 = u * cols, b1 = std::min(nblocks, b0 + cols), w = (b1 - b0) * NB;
-      for (int64_t k0 = 0; k0 < K; k0 += kc) {
-        const int64_t k1 = std::min(K, k0 + kc);
-        for (int64_t b = b0; b < b1; ++b) fn(job, b, k0, k1, scratch.data() + (b - b0) * NB, width);
-        split(scratch.data(), (k1 - k0) * width, tp + k0 * width, tp + (K + k0) * width);
-      }
-      const int64_t n0 = b0 * NB, nb = std::min(N, b1 * NB) - n0;
-      if (has_bias) {  // rows 2K..2K+2: b = b1 + b2 + b3 exactly (3 x 8 significant bits hold float32's 24)
-        uint16_t* rows = tp + 2 * K * width;
-        for (int64_t c = 0; c < width; ++c) {
-          float r = c < nb ? bp[n0 + c] : 0.f;
-          for (int i = 0; i < 3; ++i) {
-            const at::BFloat16 h(r);  // round to nearest even
-            rows[i * width + c] = h.x;
-            r -= static_cast<float>(h);  // exact (Sterbenz)
-          }
-        }
-      }
-      y.narrow(1, n0, nb).copy_(at::mm(x2, tile.narrow(1, 0, w)).narrow(1, 0, nb));
+      const int64_t b0 = u * cols, b1 = std::min(nblocks, b0 + cols), n0 = b0 * NB, nb = std::min(N, b1 * NB) - n0;
+      fill(tp, width, 0, b0, b1, scratch.data());
+      y.narrow(1, n0, nb).copy_(at::mm(x2, tile.narrow(1, 0, (b1 - b0) * NB)).narrow(1, 0, nb));
     }
   });
   return y;
@@ -500,7 +520,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16 prefill path: tiles of the blocked GPTQ words as exact bf16 pairs, one bf16 GEMM over [x | x]",
         pybind11::arg("x"), pybind11::arg("qw"), pybind11::arg("scales"), pybind11::arg("zeros"),
         pybind11::arg("bits"), pybind11::arg("group"), pybind11::arg("n"), pybind11::arg("isa") = "",
-        pybind11::arg("cols") = 1, pybind11::arg("kc") = 256, pybind11::arg("bias") = pybind11::none());
+        pybind11::arg("cols") = 1, pybind11::arg("kc") = 256, pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("split_from") = 0);
   m.def("isas", &isas, "instruction sets this CPU can run, best first");
   m.attr("NB") = NB;
 }
