@@ -16,9 +16,10 @@
 * Beside each, the memory-traffic floor: bytes the call must read (weights + scales/zeros) / this
   machine's measured memory bandwidth (a ``sum`` over a buffer far larger than the cache).
 * End to end (``end_to_end``): the model at ``model.path`` answers a rendered image question at
-  batch 1: time to first token (the prefill, ``generate`` of one token) and decode tokens/s (the
-  next ``decode_tokens`` tokens), FP (each dense dtype) and RTN-packed at each bit width through
-  ``auto``, cold (caches evicted before every run). Size on disk and resident tensor bytes.
+  batch 1: time to first token (the prefill) and decode tokens/s (the next ``decode_tokens``
+  tokens), both stamped within one ``generate`` by a streamer, FP (each dense dtype) and RTN-packed
+  at each bit width through ``auto``, cold (caches evicted before every run), the variants in turns.
+  Size on disk and resident tensor bytes.
 
 All variants of one (shape, rows, cache) cell are timed in rounds, one call of each per round, so a
 drift of the machine moves them alike and their ratios compare like with like; the machine block records the CPU, its last-level cache and instruction-set flags.
@@ -366,12 +367,32 @@ def bench_end_to_end(model_path: str, cfg, log=print) -> list[dict]:
     evict = _Evictor(llc_bytes(), cfg.cold_llc_factor)
     kw = dict(do_sample=False, pad_token_id=tok.pad_token_id)
 
-    def once(m, new_tokens) -> float:
+    from transformers.generation.streamers import BaseStreamer
+
+    class _Clock(BaseStreamer):
+        """Stamps each ``put`` of ``generate``: the prompt first, then every new token."""
+
+        def __init__(self):
+            self.stamps = []
+
+        def put(self, value):
+            self.stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def once(m) -> tuple[float, float]:
+        """One cold run: (ms to the first token, ms for the ``decode_tokens`` after it), both from the
+        same ``generate`` (a streamer stamps every token)."""
         evict()
+        clock = _Clock()
         t0 = time.perf_counter()
         with torch.no_grad():
-            m.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-        return (time.perf_counter() - t0) * 1e3
+            m.generate(**inputs, max_new_tokens=1 + cfg.decode_tokens, min_new_tokens=1 + cfg.decode_tokens,
+                       streamer=clock, **kw)
+        t_end = time.perf_counter()
+        first = clock.stamps[1]  # stamps[0]: the prompt, put before the prefill
+        return (first - t0) * 1e3, (t_end - first) * 1e3
 
     # every variant loaded first, then timed in turns (run 1 of each, run 2 of each, ...): drift of a
     # shared machine spreads over all of them instead of favouring whichever ran in a quiet minute
@@ -391,17 +412,18 @@ def bench_end_to_end(model_path: str, cfg, log=print) -> list[dict]:
                                    prefill_from=cfg.prefill_from)
             variants.append((qm.eval(), bits, "auto", dt, (d / "model.safetensors").stat().st_size))
     ttft = [[] for _ in variants]
-    full = [[] for _ in variants]
+    dec = [[] for _ in variants]
     for m, *_ in variants:  # warm-up (kernel build, allocator, first-call paths)
-        once(m, 1 + cfg.decode_tokens)
+        once(m)
     for _ in range(cfg.decode_runs):
         for i, (m, *_) in enumerate(variants):
-            ttft[i].append(once(m, 1))
-            full[i].append(once(m, 1 + cfg.decode_tokens))
+            t1, tn = once(m)
+            ttft[i].append(t1)
+            dec[i].append(tn)
     out = []
-    for (m, weights, backend, dtype, disk), t1, tn in zip(variants, ttft, full):
-        a, b = _stats(t1), _stats(tn)
-        decode_ms = max(b["median_ms"] - a["median_ms"], 1e-9)
+    for (m, weights, backend, dtype, disk), t1, tn in zip(variants, ttft, dec):
+        a = _stats(t1)
+        decode_ms = max(_stats(tn)["median_ms"], 1e-9)
         r = {"model": str(model_path), "weights": weights, "backend": backend, "dtype": dtype, "batch": 1, "cache": "cold",
              "prompt_tokens": int(inputs["input_ids"].shape[1]),
              "ttft_ms": a["median_ms"], "ttft_p10_ms": a["p10_ms"], "ttft_p90_ms": a["p90_ms"],
