@@ -43,7 +43,7 @@ s[o, g_idx[i]]`` through one of these backends:
 that is ``cpu_fused`` *per call by the number of rows*: below ``prefill_from`` rows (decode) the
 fused kernel, from it on (prefill) ``cpu_tiled`` (crossover measured, README "Kernels"), or
 ``cpu_tiled_bf16`` for bf16 activations where :func:`bf16_gemm_fast` (AMX; else bf16 GEMMs are
-slower than float32 ones: 8× at (3584, 3584), M = 1024, on an AVX2 machine).
+slower than float32 ones: 6–8× at (3584, 3584), M = 1024, on an AVX2 machine).
 ``aten_int4`` (bfloat16 activations: ~1e-2 from the reference) is never chosen by ``auto``.
 """
 
