@@ -12,7 +12,7 @@ from PIL import Image
 
 from vlmq.checkpoint import MANIFEST, CheckpointError, load_packed, write_packed
 from vlmq.pack import pack_linear
-from vlmq.qlinear import QuantLinear, available_backends
+from vlmq.qlinear import BF16_BACKENDS, QuantLinear, available_backends
 from vlmq.quant import dequantize, group_index, rtn
 
 
@@ -44,7 +44,7 @@ def test_quant_linear_backends_match_float64_dequantized_matmul(bits, act_order)
         assert y.shape == (2, 7, out_f) and y.dtype == x.dtype
         # aten_int4 runs bf16 activations/scales, cpu_tiled_bf16 rounds float32 x and y to bf16 (8
         # mantissa bits): their tolerance is bf16's (cpu_tiled_bf16 on bf16 x: _check_bf16_exact)
-        tol = 1e-2 if backend in ("aten_int4", "cpu_tiled_bf16") else 1e-5
+        tol = 1e-2 if backend in BF16_BACKENDS else 1e-5
         assert _rel(y, ref) < tol, (backend, _rel(y, ref))
     assert ("aten_int4" in available_backends(bits)) == (bits == 4)
     assert "cpu_fused" in available_backends(bits)  # g++ and ninja are install requirements here
@@ -316,7 +316,7 @@ def test_pack_load_round_trip_logits(tiny_vlm, tmp_path, bits, act_order):
         with torch.no_grad():
             got = loaded(**inputs).logits
         # bf16 activations (aten_int4; cpu_tiled_bf16 forced on this float32 model): bf16's tolerance
-        tol = 2e-2 if backend in ("aten_int4", "cpu_tiled_bf16") else 1e-3
+        tol = 2e-2 if backend in BF16_BACKENDS else 1e-3
         assert _rel(got, ref) < tol, (backend, _rel(got, ref))
 
 

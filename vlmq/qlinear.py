@@ -57,6 +57,7 @@ from vlmq.pack import unpack_linear
 
 BACKENDS = ("auto", "reference", "dequant", "aten_int4", "cpu_fused", "cpu_tiled", "cpu_tiled_bf16")
 KERNEL_BACKENDS = ("cpu_fused", "cpu_tiled", "cpu_tiled_bf16")  # one layout: switching among them is free
+BF16_BACKENDS = ("aten_int4", "cpu_tiled_bf16")  # compute with bf16 activations: ~1e-2 from the reference on float32 x
 KERNEL_BLOCK = 64  # output columns per block of the cpu_fused layout (NB in gptq_cpu.cpp)
 PREFILL_FROM = 16  # backend="auto": rows per call from which cpu_tiled runs (params `latency.prefill_from`)
 TILE_COLS, TILE_K = 2, 1024  # cpu_tiled: kernel blocks (of 64 columns) and inputs per dequantized tile
