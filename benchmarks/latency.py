@@ -22,7 +22,8 @@
   Size on disk and resident tensor bytes.
 
 All variants of one (shape, rows, cache) cell are timed in rounds, one call of each per round, so a
-drift of the machine moves them alike and their ratios compare like with like; the machine block records the CPU, its last-level cache and instruction-set flags.
+drift of the machine moves them alike and their ratios compare like with like; the machine block
+records the CPU, its last-level cache and instruction-set flags.
 """
 
 from __future__ import annotations
@@ -190,8 +191,9 @@ def _measure_interleaved(variants: list[_Variant], cfg, warm: bool) -> list[dict
     """Times every variant of one cell in rounds, one call of each per round, so that a drift of the
     machine (another tenant, the clock) moves them all alike and their ratios stay fair. A first call
     of each sizes the work: up to ``runs`` rounds within ``seconds_per_row`` per variant; a variant
-    slower than ``slow_factor`` x the fastest dense first call (twice in a row) keeps its faster sizing call. Warm: each timed call follows
-    an untimed call on the same copy (the other variants' calls in between would evict it)."""
+    slower than ``slow_factor`` x the fastest dense first call (twice in a row) keeps its faster
+    sizing call. Warm: each timed call follows an untimed call on the same copy (the other
+    variants' calls in between would evict it)."""
     first = [v.once(False) for v in variants]
     dense = [f for v, f in zip(variants, first) if v.row["backend"] == "dense"]
     limit = cfg.slow_factor * min(dense) if dense else math.inf
@@ -211,6 +213,17 @@ def _measure_interleaved(variants: list[_Variant], cfg, warm: bool) -> list[dict
         for i in active:
             times[i].append(variants[i].once(warm))
     return [{**_stats(ts), **v.rot.info()} for v, ts in zip(variants, times)]
+
+
+def _act_dtypes(backend: str, bf16_acts: bool, dense_dtypes) -> tuple[str, ...]:
+    """The activation dtypes a quantized backend is timed with: cpu_tiled_bf16 bf16 only, ``auto``
+    also bf16 where bf16 GEMMs are fast (what a bf16 model runs; compared with dense bf16), the
+    others float32."""
+    if backend == "cpu_tiled_bf16":
+        return ("bfloat16",)
+    if backend == "auto" and bf16_acts and "bfloat16" in dense_dtypes:
+        return ("float32", "bfloat16")
+    return ("float32",)
 
 
 def _prepared_copy(ql):
@@ -271,9 +284,7 @@ def bench_linears(cfg, bw_gbs: float, batches=None, log=print) -> list[dict]:
                 for (bits, layout, c), (ql, use, rot) in quant.items():
                     if c != cache:
                         continue
-                    for backend, act in [(b, a) for b in use for a in (
-                            ("bfloat16",) if b == "cpu_tiled_bf16" else ("float32", "bfloat16") if
-                            b == "auto" and bf16_acts and "bfloat16" in cfg.dense_dtypes else ("float32",))]:
+                    for backend, act in [(b, a) for b in use for a in _act_dtypes(b, bf16_acts, cfg.dense_dtypes)]:
                         def setup(ql=ql, backend=backend, layout=layout):
                             if layout == "kernel" or ql.backend != backend:  # free within the kernel layout
                                 ql.prepare(backend, prefill_from=cfg.prefill_from)
