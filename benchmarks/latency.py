@@ -206,9 +206,7 @@ def _measure_interleaved(variants: list[_Variant], cfg, warm: bool) -> list[dict
             variants[i].once(warm)
     per_round = sum(first[i] for i in active) * (2 if warm else 1) / 1e3
     runs = max(3, min(cfg.runs, int(cfg.seconds_per_row * len(active) / max(per_round, 1e-6))))
-    times: list[list[float]] = [[f] for f in first]
-    for i in active:
-        times[i] = []
+    times = [[] if i in active else [f] for i, f in enumerate(first)]  # the slow ones keep their sizing call
     for _ in range(runs):
         for i in active:
             times[i].append(variants[i].once(warm))

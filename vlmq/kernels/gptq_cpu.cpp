@@ -56,6 +56,11 @@ struct Job {
 using BlockFn = void (*)(const Job&, int64_t, int64_t);
 using DequantFn = void (*)(const Job&, int64_t, int64_t, int64_t, float*, int64_t);  // block, k0, k1, out, ld
 using SplitFn = void (*)(const float*, int64_t, uint16_t*, uint16_t*);                 // values, n, hi, lo
+struct Kernels {  // one ISA's kernel functions for one bit width (gptq_cpu_body.h `kernels`)
+  BlockFn block;
+  DequantFn dequant;
+  SplitFn split;
+};
 
 // ---- portable: GCC/Clang vector extensions (SSE2 on a baseline x86-64, NEON on arm64, ...) ----
 namespace generic {
@@ -240,28 +245,12 @@ bool wants_preshift(const std::string& isa) {
   return generic::V::PRESHIFT;
 }
 
-BlockFn pick(const std::string& isa, int64_t bits) {
+Kernels pick(const std::string& isa, int64_t bits) {
 #ifdef VLMQ_X86
-  if (isa == "avx512") return avx512::block_fn((int)bits);
-  if (isa == "avx2") return avx2::block_fn((int)bits);
+  if (isa == "avx512") return avx512::kernels((int)bits);
+  if (isa == "avx2") return avx2::kernels((int)bits);
 #endif
-  return generic::block_fn((int)bits);
-}
-
-DequantFn pick_dequant(const std::string& isa, int64_t bits) {
-#ifdef VLMQ_X86
-  if (isa == "avx512") return avx512::dequant_fn((int)bits);
-  if (isa == "avx2") return avx2::dequant_fn((int)bits);
-#endif
-  return generic::dequant_fn((int)bits);
-}
-
-SplitFn pick_split(const std::string& isa) {
-#ifdef VLMQ_X86
-  if (isa == "avx512") return &avx512::split_bf16;
-  if (isa == "avx2") return &avx2::split_bf16;
-#endif
-  return &generic::split_bf16;
+  return generic::kernels((int)bits);
 }
 
 }  // namespace
@@ -318,7 +307,7 @@ Job make_job(const torch::Tensor& x, const float* xsum, int64_t group, int64_t N
 torch::Tensor gptq_gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
                         int64_t group, int64_t N, std::string isa) {
   isa = check_args(x, qw, scales, zeros, bits, group, N, isa);
-  const BlockFn fn = pick(isa, bits);
+  const BlockFn fn = pick(isa, bits).block;
   const int64_t M = x.size(0), K = x.size(1), G = K / group, nblocks = (N + NB - 1) / NB;
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
@@ -364,7 +353,7 @@ torch::Tensor gptq_gemm_tiled(torch::Tensor x, torch::Tensor qw, torch::Tensor s
                               int64_t split_from) {
   isa = check_args(x, qw, scales, zeros, bits, group, N, isa);
   TORCH_CHECK(cols >= 1 && kc >= 32, "cols >= 1 and kc >= 32");
-  const DequantFn fn = pick_dequant(isa, bits);
+  const DequantFn fn = pick(isa, bits).dequant;
   const int64_t M = x.size(0), K = x.size(1), nblocks = (N + NB - 1) / NB;
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
@@ -447,8 +436,9 @@ torch::Tensor gptq_gemm_tiled_bf16(torch::Tensor x, torch::Tensor qw, torch::Ten
   if (has_bias)
     TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->dim() == 1 &&
                 bias->size(0) == N, "bias: contiguous float32 [N]");
-  const DequantFn fn = pick_dequant(isa, bits);
-  const SplitFn split = pick_split(isa);
+  const Kernels k = pick(isa, bits);
+  const DequantFn fn = k.dequant;
+  const SplitFn split = k.split;
   const int64_t M = x.size(0), K = x.size(1), nblocks = (N + NB - 1) / NB;
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;

@@ -3,7 +3,7 @@
 // (AVX-512, AVX2+FMA+F16C, and plain C++ vector extensions), so that every copy is compiled for its
 // own ISA in a single build and chosen at run time (see gptq_cpu.cpp for the layout and the maths).
 //
-// Not a standalone header: it expects `Job`, `NB` and the system/intrinsics headers from the
+// Not a standalone header: it expects `Job`, `Kernels`, `NB` and the system/intrinsics headers from the
 // including file, and `V` in the enclosing namespace.
 
 // Value j of a run of 32 is decoded without its shift, as q 2^sh, when the traits ask for it
@@ -98,16 +98,6 @@ void run_blocks(const Job& a, int64_t b0, int64_t b1) {
   }
 }
 
-inline BlockFn block_fn(int bits) {
-  switch (bits) {
-    case 2: return &run_blocks<2>;
-    case 3: return &run_blocks<3>;
-    case 4: return &run_blocks<4>;
-    case 8: return &run_blocks<8>;
-    default: return nullptr;
-  }
-}
-
 // Prefill path: rows [k0, k1) (multiples of 32) of block b dequantized to float32,
 // out[(k - k0) * ld + c] = (q[k, c] - z[g(k), c]) * s[g(k), c] for the block's NB columns (the
 // same float32 operations as the reference backend, so the same values). A GEMM
@@ -138,16 +128,6 @@ void dequant_rows(const Job& a, int64_t b, int64_t k0, int64_t k1, float* out, i
   }
 }
 
-inline DequantFn dequant_fn(int bits) {
-  switch (bits) {
-    case 2: return &dequant_rows<2>;
-    case 3: return &dequant_rows<3>;
-    case 4: return &dequant_rows<4>;
-    case 8: return &dequant_rows<8>;
-    default: return nullptr;
-  }
-}
-
 // bfloat16 prefill path: float32 values v split into hi = bf16(v) (round to nearest even, as torch's
 // conversion) and lo = bf16(v - hi), so that hi + lo = v exactly for the dequantized weights of 2-4
 // bits (v = (q - z) s has at most 4 + 11 significant bits: hi keeps 8, the rest fits lo's 8) and to
@@ -163,5 +143,16 @@ inline void split_bf16(const float* v, int64_t n, uint16_t* hi, uint16_t* lo) {
     std::memcpy(&c, &r, 4);
     hi[i] = static_cast<uint16_t>(h >> 16);
     lo[i] = static_cast<uint16_t>((c + 0x7FFFu + ((c >> 16) & 1u)) >> 16);
+  }
+}
+
+// This ISA's functions for `bits`-bit weights (null block/dequant for other widths).
+inline Kernels kernels(int bits) {
+  switch (bits) {
+    case 2: return {&run_blocks<2>, &dequant_rows<2>, &split_bf16};
+    case 3: return {&run_blocks<3>, &dequant_rows<3>, &split_bf16};
+    case 4: return {&run_blocks<4>, &dequant_rows<4>, &split_bf16};
+    case 8: return {&run_blocks<8>, &dequant_rows<8>, &split_bf16};
+    default: return {nullptr, nullptr, &split_bf16};
   }
 }
