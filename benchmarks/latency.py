@@ -54,6 +54,19 @@ def _stats(ts: list[float]) -> dict:
     return {"median_ms": statistics.median(ts), "p10_ms": q(0.10), "p90_ms": q(0.90), "runs": len(ts)}
 
 
+def paired_ratio(base: list[float], other: list[float]) -> dict:
+    """``base`` / ``other`` round by round, for two variants timed in the same interleaved rounds:
+    the median and p10/p90 of the per-round ratios (> 1 = ``other`` is faster). Pairing each call
+    with its round's call of ``base`` cancels a drift of the machine that a ratio of two medians
+    keeps. A variant timed once (slower than ``slow_factor``, or unequal rounds) pairs its median
+    with ``base``'s."""
+    if len(base) != len(other) or len(base) < 2:
+        r = statistics.median(base) / max(statistics.median(other), 1e-12)
+        return {"median": r, "p10": r, "p90": r}
+    s = _stats([b / max(o, 1e-12) for b, o in zip(base, other)])
+    return {"median": s["median_ms"], "p10": s["p10_ms"], "p90": s["p90_ms"]}
+
+
 def _time(fn, runs: int, warmup: int) -> dict:
     for _ in range(warmup):
         fn()
@@ -210,7 +223,20 @@ def _measure_interleaved(variants: list[_Variant], cfg, warm: bool) -> list[dict
     for _ in range(runs):
         for i in active:
             times[i].append(variants[i].once(warm))
-    return [{**_stats(ts), **v.rot.info()} for v, ts in zip(variants, times)]
+    return [{**_stats(ts), **v.rot.info(), "times_ms": [round(t, 5) for t in ts]} for v, ts in zip(variants, times)]
+
+
+def _vs_fastest_dense(rows: list[dict]) -> None:
+    """Adds to each row of one cell its paired speed-up over the cell's fastest dense FP (lowest
+    median): ``fastest_dense`` (its dtype), ``vs_fastest_dense`` and ``_p10``/``_p90``."""
+    dense = [r for r in rows if r["backend"] == "dense"]
+    if not dense:
+        return
+    best = min(dense, key=lambda r: r["median_ms"])
+    for r in rows:
+        pr = paired_ratio(best["times_ms"], r["times_ms"])
+        r.update(fastest_dense=best["dtype_or_bits"], vs_fastest_dense=pr["median"],
+                 vs_fastest_dense_p10=pr["p10"], vs_fastest_dense_p90=pr["p90"])
 
 
 def _act_dtypes(backend: str, bf16_acts: bool, dense_dtypes) -> tuple[str, ...]:
@@ -297,14 +323,18 @@ def bench_linears(cfg, bw_gbs: float, batches=None, log=print) -> list[dict]:
                                  path=ql.path(batch, DTYPES[act]) if backend == "auto" else backend, act_dtype=act,
                                  floor_ms=quant_bytes(in_f, out_f, bits, cfg.group_size) / (bw_gbs * 1e9) * 1e3),
                             call, rot, setup))
-                for v, r in zip(cell, _measure_interleaved(cell, cfg, cache == "warm")):
+                rows = _measure_interleaved(cell, cfg, cache == "warm")
+                for v, r in zip(cell, rows):
                     r.update(shape=[in_f, out_f], **v.row, batch=batch,
                              cache=cache if v.rot.cold or cache == "warm" else "cold_partial")
+                _vs_fastest_dense(rows)
+                for r in rows:
                     results.append(r)
                     what = (f"dense {r['dtype_or_bits']}" if r["backend"] == "dense"
                             else f"W{r['dtype_or_bits']} {r['backend']} ({r['path']}, x {r['act_dtype']})")
                     log(f"  ({in_f},{out_f}) M={batch} {cache} {what}: {r['median_ms']:.3f} ms "
-                        f"(floor {r['floor_ms']:.3f}, {r['copies']} copies, {r['runs']} runs)")
+                        f"(floor {r['floor_ms']:.3f}, {r['copies']} copies, {r['runs']} runs; "
+                        f"{r['vs_fastest_dense']:.2f}x vs dense {r['fastest_dense']}, paired)")
         del dense, quant
     return results
 
@@ -429,18 +459,29 @@ def bench_end_to_end(model_path: str, cfg, log=print) -> list[dict]:
             t1, tn = once(m)
             ttft[i].append(t1)
             dec[i].append(tn)
+    # the paired ratios (per round, as the variants were timed in turns) vs the fastest FP dtype of each
+    fp = [i for i, v in enumerate(variants) if v[2] == "dense"]
+    fp_ttft = min(fp, key=lambda i: statistics.median(ttft[i]))
+    fp_dec = min(fp, key=lambda i: statistics.median(dec[i]))
     out = []
     for (m, weights, backend, dtype, disk), t1, tn in zip(variants, ttft, dec):
         a = _stats(t1)
         decode_ms = max(_stats(tn)["median_ms"], 1e-9)
+        pt, pd = paired_ratio(ttft[fp_ttft], t1), paired_ratio(dec[fp_dec], tn)
         r = {"model": str(model_path), "weights": weights, "backend": backend, "dtype": dtype, "batch": 1, "cache": "cold",
              "prompt_tokens": int(inputs["input_ids"].shape[1]),
              "ttft_ms": a["median_ms"], "ttft_p10_ms": a["p10_ms"], "ttft_p90_ms": a["p90_ms"],
              "decode_tokens": cfg.decode_tokens, "decode_ms": decode_ms,
              "decode_tokens_per_s": cfg.decode_tokens / (decode_ms * 1e-3), "runs": cfg.decode_runs,
-             "disk_bytes": disk, "resident_bytes": _tensor_bytes(m)}
-        log(f"  end to end {weights} {backend} ({dtype}): TTFT {r['ttft_ms']:.1f} ms ({r['prompt_tokens']} prompt tokens), "
-            f"decode {r['decode_tokens_per_s']:.1f} tok/s, resident {r['resident_bytes'] / 1e6:.1f} MB")
+             "disk_bytes": disk, "resident_bytes": _tensor_bytes(m),
+             "ttft_times_ms": [round(t, 4) for t in t1], "decode_times_ms": [round(t, 4) for t in tn],
+             "fastest_fp_ttft": variants[fp_ttft][1], "ttft_vs_fastest_fp": pt["median"],
+             "ttft_vs_fastest_fp_p10": pt["p10"], "ttft_vs_fastest_fp_p90": pt["p90"],
+             "fastest_fp_decode": variants[fp_dec][1], "decode_vs_fastest_fp": pd["median"],
+             "decode_vs_fastest_fp_p10": pd["p10"], "decode_vs_fastest_fp_p90": pd["p90"]}
+        log(f"  end to end {weights} {backend} ({dtype}): TTFT {r['ttft_ms']:.1f} ms ({r['prompt_tokens']} prompt tokens, "
+            f"{pt['median']:.2f}x vs FP {variants[fp_ttft][1]}, paired), decode {r['decode_tokens_per_s']:.1f} tok/s "
+            f"({pd['median']:.2f}x vs FP {variants[fp_dec][1]}), resident {r['resident_bytes'] / 1e6:.1f} MB")
         out.append(r)
     tmp.cleanup()
     return out
@@ -490,7 +531,7 @@ def plot_sweep(report: dict, path: str | Path) -> Path:
 def speedup_table(report: dict) -> str:
     """Markdown: per shape, M and cache, the fastest dense FP and each bit width's ``auto`` speed-up
     over it (> 1 = the quantized linear is faster; float32 activations, or bf16 ones where those
-    were timed and faster), with the path ``auto`` ran."""
+    were timed and faster): the median of the per-round ratios [p10–p90], with the path ``auto`` ran."""
     res = report["results"]
     cache_of = lambda r: r["cache"].replace("cold_partial", "cold")  # noqa: E731
     bits = sorted({r["dtype_or_bits"] for r in res if r["backend"] == "auto"}, reverse=True)
@@ -508,8 +549,13 @@ def speedup_table(report: dict) -> str:
         for b in bits:
             q = sorted((r for r in rows if r["backend"] == "auto" and r["dtype_or_bits"] == b),
                        key=lambda r: r["median_ms"])  # the faster activation dtype (float32, or bf16 where timed)
-            cells.append(f"{q[0]['median_ms']:.3g} ms, **{best['median_ms'] / q[0]['median_ms']:.2f}×** "
-                         f"({q[0]['path'].replace('cpu_', '')})" if q else "")
+            if not q:
+                cells.append("")
+                continue
+            sp = q[0].get("vs_fastest_dense", best["median_ms"] / q[0]["median_ms"])  # paired (older reports: medians)
+            spread = (f" [{q[0]['vs_fastest_dense_p10']:.2f}–{q[0]['vs_fastest_dense_p90']:.2f}]"
+                      if "vs_fastest_dense_p10" in q[0] else "")
+            cells.append(f"{q[0]['median_ms']:.3g} ms, **{sp:.2f}×**{spread} ({q[0]['path'].replace('cpu_', '')})")
         md += (f"| ({shape[0]}, {shape[1]}) | {m} | {cache} | {best['dtype_or_bits']} {best['median_ms']:.3g} ms | "
                + " | ".join(cells) + " |\n")
     return md

@@ -33,14 +33,15 @@ class _StderrHandler(logging.StreamHandler):
 
 def get_logger(name: str) -> logging.Logger:
     """Prefect's run logger inside a flow/task run, the standard logger elsewhere."""
-    try:
-        from prefect import get_run_logger
-        from prefect.context import TaskRunContext, FlowRunContext
+    if "prefect" in sys.modules:  # a run needs prefect imported; importing it here would cost ~1.5 s per stage
+        try:
+            from prefect import get_run_logger
+            from prefect.context import TaskRunContext, FlowRunContext
 
-        if TaskRunContext.get() or FlowRunContext.get():
-            return get_run_logger()  # type: ignore[return-value]
-    except Exception:  # prefect missing or no active run
-        pass
+            if TaskRunContext.get() or FlowRunContext.get():
+                return get_run_logger()  # type: ignore[return-value]
+        except Exception:  # no active run
+            pass
     logger = logging.getLogger(f"vlmq.stages.{name}")
     if not logger.handlers:  # stages always report at INFO, whatever the root logger's config
         handler = _StderrHandler()

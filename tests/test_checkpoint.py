@@ -414,6 +414,15 @@ def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tm
                 (2, "auto", "cpu_fused", 1, cache, "bfloat16"),
                 (4, "cpu_tiled_bf16", "cpu_tiled_bf16", 4, cache, "bfloat16")} <= kinds, kinds
     assert all(r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["floor_ms"] > 0 for r in rep["results"])
+    # paired speed-ups: per cell vs the dense dtype of the lowest median, which is 1 against itself
+    cell_of = lambda r: (r["shape"], r["batch"], r["cache"].replace("cold_partial", "cold"))  # noqa: E731
+    for r in rep["results"]:
+        cell = [o for o in rep["results"] if cell_of(o) == cell_of(r)]
+        best = min((o for o in cell if o["backend"] == "dense"), key=lambda o: o["median_ms"])
+        assert r["fastest_dense"] == best["dtype_or_bits"] and len(r["times_ms"]) in (1, best["runs"])
+        assert r["vs_fastest_dense_p10"] <= r["vs_fastest_dense"] <= r["vs_fastest_dense_p90"]
+        if r is best:
+            assert r["vs_fastest_dense_p10"] == r["vs_fastest_dense_p90"] == 1.0
     # cold: copies rotated through more than twice the last-level cache (toy shapes: capped at
     # MAX_COPIES, then labelled cold_partial); warm: one copy
     from benchmarks.latency import MAX_COPIES
@@ -429,6 +438,10 @@ def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tm
         (4, "auto", "bfloat16"), (2, "auto", "float32"), (2, "auto", "bfloat16")]
     assert all(r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["prompt_tokens"] > 16 for r in e2e)
     assert e2e[2]["disk_bytes"] < e2e[0]["disk_bytes"]
+    for what in ("ttft", "decode"):  # the fastest FP dtype is 1 against itself
+        fp = {r["weights"]: r for r in e2e if r["backend"] == "dense"}[e2e[0][f"fastest_fp_{what}"]]
+        assert fp[f"{what}_vs_fastest_fp"] == 1.0 and all(
+            r[f"{what}_vs_fastest_fp_p10"] <= r[f"{what}_vs_fastest_fp"] <= r[f"{what}_vs_fastest_fp_p90"] for r in e2e)
     md = latency_tables(tmp_path / "reports" / "latency.json", tmp_path / "reports" / "pack.json")
     assert "| (256, 128) | 4 | warm | W2g64 | auto (cpu_tiled) |" in md and "End to end: one image question" in md
     assert "| W2g64 | auto (cpu_tiled_bf16), x bfloat16 |" in md and "| W4 (bfloat16) | auto |" in md
@@ -437,6 +450,27 @@ def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tm
     tab = speedup_table(rep)
     assert "| (256, 128) | 4 | warm |" in tab and "(tiled)" in tab and "(fused)" in tab
     assert plot_sweep(rep, tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_paired_ratio_is_exact_for_proportional_rounds_and_ignores_one_outlier_round():
+    import random
+
+    from benchmarks.latency import paired_ratio
+
+    rng = random.Random()
+    n = rng.choice([5, 7, 9])
+    other = [rng.uniform(1.0, 5.0) for _ in range(n)]  # a drift of the machine, round by round
+    c = rng.uniform(0.5, 3.0)
+    r = paired_ratio([c * o for o in other], other)
+    assert abs(r["median"] - c) < 1e-12 and abs(r["p10"] - c) < 1e-12 and abs(r["p90"] - c) < 1e-12
+    hiccup = list(other)
+    hiccup[rng.randrange(n)] *= 10  # one round of the other variant hit by the machine
+    assert abs(paired_ratio([c * o for o in other], hiccup)["median"] - c) < 1e-12
+    noisy = [c * o * rng.uniform(0.8, 1.2) for o in other]  # odd n: swapping the two inverts the median
+    fwd, back = paired_ratio(noisy, other), paired_ratio(other, noisy)
+    assert fwd["p10"] <= fwd["median"] <= fwd["p90"] and abs(back["median"] * fwd["median"] - 1) < 1e-12
+    # a variant timed once (too slow) or in other rounds: the ratio of the medians
+    assert paired_ratio([2.0, 4.0, 6.0], [8.0]) == {"median": 0.5, "p10": 0.5, "p90": 0.5}
 
 
 def test_cold_rotation_holds_enough_copies_within_the_ram_cap():

@@ -1,9 +1,9 @@
 """`dvc repro` end to end on a tiny configuration, in a throwaway git + DVC repository.
 
 Checks: the whole chain runs; `dvc status` is clean afterwards; a second `dvc repro` runs
-nothing; editing only an evaluation parameter re-runs exactly `evaluate` and `report`; every
-`quant.method` the params schema accepts runs through quantize and pack; afterwards `git status`
-shows only what is meant to be committed.
+nothing; editing only an evaluation parameter re-runs exactly `evaluate` and `report`; a killed
+`quantize` resumes; every `quant.method` the params schema accepts runs through quantize and pack;
+`dvc exp run -S`; afterwards `git status` shows only what is meant to be committed.
 """
 
 from __future__ import annotations
@@ -110,9 +110,9 @@ def test_dvc_repro_tiny_chain(tmp_path, tiny_vlm):
     assert r.returncode != 0 and "latncy" in r.stderr
 
 
-def test_killed_repro_resumes_and_exp_run_set_param(tmp_path, tiny_vlm):
+def test_killed_repro_resumes(tmp_path, tiny_vlm):
     """SIGKILL `dvc repro` once quantize has finished layer 0; the next `dvc repro` resumes after it and
-    gives the same integers as an uninterrupted run. Then `dvc exp run -S` changes one param."""
+    gives the same integers as an uninterrupted run. (`dvc exp run -S`: test_every_method_through_dvc.)"""
     import signal
     import time
 
@@ -139,11 +139,6 @@ def test_killed_repro_resumes_and_exp_run_set_param(tmp_path, tiny_vlm):
              for k, v in load_file(str(repo / f"data/quantize/layer_{l:03d}/solved.safetensors")).items()}
     assert resumed.keys() == fresh.keys() and all(torch.equal(resumed[k], fresh[k]) for k in fresh)
 
-    out = sh(dvc + ["exp", "run", "-S", "quant.bits=4"], repo, env)
-    assert "quantize" in ran(out) and "demo_data" not in ran(out), out[-3000:]
-    assert yaml.safe_load((repo / "params.yaml").read_text())["quant"]["bits"] == 4
-    assert (repo / "reports/eval/vlmq-w4g64/result.json").is_file()
-
 
 # What `dvc repro` leaves for git: the lock file and the outs DVC keeps in git (cache: false).
 GIT_OUTS = {"dvc.lock", "reports/pack.json", "reports/latency.json", "reports/summary.md", "reports/summary.csv",
@@ -153,7 +148,8 @@ GIT_OUTS = {"dvc.lock", "reports/pack.json", "reports/latency.json", "reports/su
 def test_every_method_through_dvc(tmp_path, tiny_vlm):
     """`dvc repro pack` for every quant.method of the schema (each run replaces the last: quantize
     and pack re-run, the importance directory exists for all), then `dvc exp run -S` with a
-    non-default method through the whole chain; `git status` shows only the committed outs."""
+    non-default method and bit width through the whole chain (the data stages are not re-run);
+    `git status` shows only the committed outs."""
     from stages.params import METHODS
 
     repo, params, env, dvc = make_repo(tmp_path, tiny_vlm)
@@ -171,9 +167,11 @@ def test_every_method_through_dvc(tmp_path, tiny_vlm):
 
     params["quant"]["method"] = "vlmq"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    out = sh(dvc + ["exp", "run", "-S", "quant.method=gptq"], repo, env)
-    assert {"quantize", "pack", "evaluate", "report"} <= set(ran(out)), out[-3000:]
-    assert (repo / "reports/eval/gptq-w3g64/result.json").is_file()
+    out = sh(dvc + ["exp", "run", "-S", "quant.method=gptq", "-S", "quant.bits=4"], repo, env)
+    assert {"quantize", "pack", "evaluate", "report"} <= set(ran(out)) and "demo_data" not in ran(out), out[-3000:]
+    q = yaml.safe_load((repo / "params.yaml").read_text())["quant"]
+    assert (q["method"], q["bits"]) == ("gptq", 4), q
+    assert (repo / "reports/eval/gptq-w4g64/result.json").is_file()
     status = sh(["git", "status", "--porcelain", "--untracked-files=normal"], repo, env)
     changed = {line[3:].strip() for line in status.splitlines() if line.strip()}
     assert changed - {"params.yaml"} <= GIT_OUTS, status
