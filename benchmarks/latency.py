@@ -333,8 +333,9 @@ def bench_linears(cfg, bw_gbs: float, batches=None, log=print) -> list[dict]:
                     what = (f"dense {r['dtype_or_bits']}" if r["backend"] == "dense"
                             else f"W{r['dtype_or_bits']} {r['backend']} ({r['path']}, x {r['act_dtype']})")
                     log(f"  ({in_f},{out_f}) M={batch} {cache} {what}: {r['median_ms']:.3f} ms "
-                        f"(floor {r['floor_ms']:.3f}, {r['copies']} copies, {r['runs']} runs; "
-                        f"{r['vs_fastest_dense']:.2f}x vs dense {r['fastest_dense']}, paired)")
+                        f"(floor {r['floor_ms']:.3f}, {r['copies']} copies, {r['runs']} runs"
+                        + (f"; {r['vs_fastest_dense']:.2f}x vs dense {r['fastest_dense']}, paired)"
+                           if "fastest_dense" in r else ")"))
         del dense, quant
     return results
 
@@ -460,28 +461,32 @@ def bench_end_to_end(model_path: str, cfg, log=print) -> list[dict]:
             ttft[i].append(t1)
             dec[i].append(tn)
     # the paired ratios (per round, as the variants were timed in turns) vs the fastest FP dtype of each
-    fp = [i for i, v in enumerate(variants) if v[2] == "dense"]
-    fp_ttft = min(fp, key=lambda i: statistics.median(ttft[i]))
-    fp_dec = min(fp, key=lambda i: statistics.median(dec[i]))
+    # (none where latency.dense_dtypes is empty)
+    fp = [i for i, v in enumerate(variants) if v[2] == "dense"] or None
+    fp_ttft = fp and min(fp, key=lambda i: statistics.median(ttft[i]))
+    fp_dec = fp and min(fp, key=lambda i: statistics.median(dec[i]))
     out = []
     for (m, weights, backend, dtype, disk), t1, tn in zip(variants, ttft, dec):
         a = _stats(t1)
         decode_ms = max(_stats(tn)["median_ms"], 1e-9)
-        pt, pd = paired_ratio(ttft[fp_ttft], t1), paired_ratio(dec[fp_dec], tn)
         r = {"model": str(model_path), "weights": weights, "backend": backend, "dtype": dtype, "batch": 1, "cache": "cold",
              "prompt_tokens": int(inputs["input_ids"].shape[1]),
              "ttft_ms": a["median_ms"], "ttft_p10_ms": a["p10_ms"], "ttft_p90_ms": a["p90_ms"],
              "decode_tokens": cfg.decode_tokens, "decode_ms": decode_ms,
              "decode_tokens_per_s": cfg.decode_tokens / (decode_ms * 1e-3), "runs": cfg.decode_runs,
              "disk_bytes": disk, "resident_bytes": _tensor_bytes(m),
-             "ttft_times_ms": [round(t, 4) for t in t1], "decode_times_ms": [round(t, 4) for t in tn],
-             "fastest_fp_ttft": variants[fp_ttft][1], "ttft_vs_fastest_fp": pt["median"],
-             "ttft_vs_fastest_fp_p10": pt["p10"], "ttft_vs_fastest_fp_p90": pt["p90"],
-             "fastest_fp_decode": variants[fp_dec][1], "decode_vs_fastest_fp": pd["median"],
-             "decode_vs_fastest_fp_p10": pd["p10"], "decode_vs_fastest_fp_p90": pd["p90"]}
-        log(f"  end to end {weights} {backend} ({dtype}): TTFT {r['ttft_ms']:.1f} ms ({r['prompt_tokens']} prompt tokens, "
-            f"{pt['median']:.2f}x vs FP {variants[fp_ttft][1]}, paired), decode {r['decode_tokens_per_s']:.1f} tok/s "
-            f"({pd['median']:.2f}x vs FP {variants[fp_dec][1]}), resident {r['resident_bytes'] / 1e6:.1f} MB")
+             "ttft_times_ms": [round(t, 4) for t in t1], "decode_times_ms": [round(t, 4) for t in tn]}
+        vs = ""
+        if fp:
+            pt, pd = paired_ratio(ttft[fp_ttft], t1), paired_ratio(dec[fp_dec], tn)
+            r.update({"fastest_fp_ttft": variants[fp_ttft][1], "ttft_vs_fastest_fp": pt["median"],
+                      "ttft_vs_fastest_fp_p10": pt["p10"], "ttft_vs_fastest_fp_p90": pt["p90"],
+                      "fastest_fp_decode": variants[fp_dec][1], "decode_vs_fastest_fp": pd["median"],
+                      "decode_vs_fastest_fp_p10": pd["p10"], "decode_vs_fastest_fp_p90": pd["p90"]})
+            vs = (f"; paired vs FP: TTFT {pt['median']:.2f}x ({variants[fp_ttft][1]}), "
+                  f"decode {pd['median']:.2f}x ({variants[fp_dec][1]})")
+        log(f"  end to end {weights} {backend} ({dtype}): TTFT {r['ttft_ms']:.1f} ms ({r['prompt_tokens']} prompt tokens), "
+            f"decode {r['decode_tokens_per_s']:.1f} tok/s, resident {r['resident_bytes'] / 1e6:.1f} MB{vs}")
         out.append(r)
     tmp.cleanup()
     return out
@@ -561,6 +566,19 @@ def speedup_table(report: dict) -> str:
     return md
 
 
+def _commit() -> str | None:
+    """The checkout's commit, ``+edits`` where the code or params.yaml differ from it (the reports
+    this writes don't count); ``None`` outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        edited = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "vlmq", "stages", "benchmarks", "pipeline",
+                                 "params.yaml"], capture_output=True, timeout=10).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+edits" if edited else "")) or None
+
+
 def run_benchmark(params_path=None, model_path: str | None = None, out: str | None = None, log=print,
                   sweep: bool = False) -> dict:
     from stages.common import atomic_path, write_json
@@ -568,6 +586,7 @@ def run_benchmark(params_path=None, model_path: str | None = None, out: str | No
 
     params = load_params(params_path)
     cfg = params.latency
+    commit = _commit()  # at the start: the code that runs (edits during a long sweep don't count)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = machine_info()
@@ -576,12 +595,7 @@ def run_benchmark(params_path=None, model_path: str | None = None, out: str | No
     log(f"machine: {info}")
     results = bench_linears(cfg.model_copy(update={"runs": cfg.sweep.runs, "seconds_per_row": cfg.sweep.seconds_per_row})
                             if sweep else cfg, bw, cfg.sweep.batches if sweep else None, log)
-    report = {"machine": info, "params": cfg.model_dump(), "results": results}
-    try:
-        report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        report["commit"] = None
+    report = {"machine": info, "params": cfg.model_dump(), "results": results, "commit": commit}
     if sweep:
         report["command"] = "python -m benchmarks.latency --sweep"
         path = write_json(out or cfg.sweep.out, report)

@@ -264,7 +264,7 @@ def _save(fig, path: Path) -> Path:
 def _ratio(r: dict, key: str, of_medians: float) -> str:
     """A speed-up cell: the paired ratio ``r[key]`` [p10, p90] (reports before it: the ratio of medians)."""
     if key not in r:
-        return f"{of_medians:.2f}x"
+        return "–" if math.isnan(of_medians) else f"{of_medians:.2f}x"  # –: no dense FP was timed
     return f"{r[key]:.2f}x [{r[key + '_p10']:.2f}, {r[key + '_p90']:.2f}]"
 
 
@@ -304,7 +304,7 @@ def latency_tables(latency_file: Path, pack_file: Path) -> str:
         b = r["backend"] if r.get("path", r["backend"]) == r["backend"] else f"{r['backend']} ({r['path']})"
         if r["backend"] != "dense" and r.get("act_dtype", "float32") != "float32":
             b += f", x {r['act_dtype']}"
-        sp = _ratio(r, "vs_fastest_dense", best_dense[key(r)] / r["median_ms"])
+        sp = _ratio(r, "vs_fastest_dense", best_dense.get(key(r), math.nan) / r["median_ms"])  # nan: no dense timed
         md += (f"| ({r['shape'][0]}, {r['shape'][1]}) | {r['batch']} | {r.get('cache', 'warm')} | {w} | {b} | "
                f"{r['median_ms']:.3f} [{r['p10_ms']:.3f}, {r['p90_ms']:.3f}] | {r['floor_ms']:.3f} | {sp} |\n")
     if lat.get("end_to_end"):

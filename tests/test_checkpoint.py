@@ -451,6 +451,15 @@ def test_pack_stage_matches_fake_quantized_model_and_latency_report(tiny_vlm, tm
     assert "| (256, 128) | 4 | warm |" in tab and "(tiled)" in tab and "(fused)" in tab
     assert plot_sweep(rep, tmp_path / "sweep.png").stat().st_size > 1000
 
+    # what the schema also accepts: no dense dtype at all (no speed-ups then), one bit width, warm only
+    params["latency"].update(dense_dtypes=[], bits=[2], cache=["warm"], batches=[4], backends=["auto"])
+    p.write_text(yaml.safe_dump(params))
+    rep = run_benchmark(p, out=str(tmp_path / "reports" / "latency.json"), log=lambda s: None)
+    assert [(r["dtype_or_bits"], r["path"]) for r in rep["results"]] == [(2, "cpu_tiled")]
+    assert "vs_fastest_dense" not in rep["results"][0] and "ttft_vs_fastest_fp" not in rep["end_to_end"][0]
+    md = latency_tables(tmp_path / "reports" / "latency.json", tmp_path / "reports" / "pack.json")
+    assert "| (256, 128) | 4 | warm | W2g64 | auto (cpu_tiled) |" in md and "| W2 | auto |" in md
+
 
 def test_paired_ratio_is_exact_for_proportional_rounds_and_ignores_one_outlier_round():
     import random
