@@ -285,9 +285,15 @@ def bench_linears(cfg, bw_gbs: float, batches=None, log=print) -> list[dict]:
                                     ("dequant", {"dequant"}), ("reference", {"reference"})):
                 use = [b for b in cfg.backends if b in members and (b == "auto" or b in ok)
                        and (b != "cpu_tiled_bf16" or bf16_acts)]
+                q2 = copy.deepcopy(ql)
+                for b in list(use):  # a backend that cannot run this shape or group size is left out, said once
+                    try:
+                        q2.prepare(b, prefill_from=cfg.prefill_from)
+                    except ValueError as exc:
+                        log(f"  ({in_f},{out_f}) W{bits} g{cfg.group_size} {b}: not timed ({exc})")
+                        use.remove(b)
                 if not use:
                     continue
-                q2 = copy.deepcopy(ql)
                 q2.prepare(use[0], prefill_from=cfg.prefill_from)
                 nbytes = sum(v.numel() * v.element_size() for v in q2._prepared.values()) or quant_bytes(
                     in_f, out_f, bits, cfg.group_size)

@@ -482,6 +482,23 @@ def test_paired_ratio_is_exact_for_proportional_rounds_and_ignores_one_outlier_r
     assert paired_ratio([2.0, 4.0, 6.0], [8.0]) == {"median": 0.5, "p10": 0.5, "p90": 0.5}
 
 
+def test_latency_leaves_out_a_backend_that_cannot_run_the_shape_and_says_so():
+    """aten_int4 packs 16 output columns at a time: at 200 columns it is not timed (one log line),
+    and the shape is still timed through the others; loading such a layer on aten_int4 names why."""
+    from benchmarks.latency import bench_linears, random_quant_linear
+    from stages.params import LatencyParams
+
+    cfg = LatencyParams(shapes=[(384, 200)], bits=[4], group_size=128, batches=[1, 16], cache=["warm"], runs=3,
+                        warmup=0, seconds_per_row=0.05, dense_dtypes=["float32"], backends=["aten_int4", "auto"])
+    lines = []
+    rows = bench_linears(cfg, 10.0, log=lines.append)
+    assert [(r["backend"], r["path"], r["batch"]) for r in rows if r["backend"] != "dense"] == [
+        ("auto", "cpu_fused", 1), ("auto", "cpu_tiled", 16)]
+    assert any("aten_int4: not timed (aten_int4 needs out_features divisible by 16" in s for s in lines), lines
+    with pytest.raises(ValueError, match="out_features divisible by 16"):
+        random_quant_linear(384, 200, 4, 128, torch.Generator().manual_seed(0)).prepare("aten_int4")
+
+
 def test_cold_rotation_holds_enough_copies_within_the_ram_cap():
     from benchmarks.latency import MAX_COPIES, Rotation
 

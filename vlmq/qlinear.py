@@ -305,6 +305,8 @@ def _aten_int4_prepare(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, g_idx:
     group = in_f if group_size == -1 else group_size
     if group not in (32, 64, 128, 256):  # what the aten kernel accepts (it fails at run time otherwise)
         raise ValueError(f"aten_int4 needs a group size of 32, 64, 128 or 256 (got {group}); use 'cpu_fused' or 'dequant'")
+    if out_f % 16:  # the aten packing fails otherwise ("expect N to be dividable by 16")
+        raise ValueError(f"aten_int4 needs out_features divisible by 16 (got {out_f}); use 'cpu_fused' or 'dequant'")
     prepared: dict[str, torch.Tensor] = {}
     q, perm = _contiguous_groups(q, g_idx, n_groups, group, "aten_int4")
     if perm is not None:
