@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlmq.methods import METHOD_NAMES
 
@@ -21,6 +21,15 @@ DEFAULT_PARAMS = Path(os.environ.get("VLMQ_PARAMS", "params.yaml"))
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _group_size(v: int) -> int:
+    if v != -1 and v < 1:
+        raise ValueError("group_size must be -1 (per output channel) or a positive integer")
+    return v
+
+
+GroupSize = Annotated[int, AfterValidator(_group_size)]  # columns per quantization group; -1 = per channel
 
 
 class ModelParams(_Strict):
@@ -122,7 +131,7 @@ class QuantParams(_Strict):
 
     method: Method = "vlmq"
     bits: Literal[2, 3, 4, 8] = 3
-    group_size: int = 128
+    group_size: GroupSize = 128
     sym: bool = False
     act_order: bool = True
     damp: float = Field(0.01, gt=0.0)
@@ -131,13 +140,6 @@ class QuantParams(_Strict):
     gptaq: GPTAQParams = GPTAQParams()
     awq: AWQParams = AWQParams()
     vlm_ptq: VLMPTQParams = VLMPTQParams()
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, v: int) -> int:
-        if v != -1 and v < 1:
-            raise ValueError("group_size must be -1 (per output channel) or a positive integer")
-        return v
 
 
 class PackParams(_Strict):
@@ -163,11 +165,12 @@ class LatencySweepParams(_Strict):
 class LatencyParams(_Strict):
     """Kernel-backed latency benchmark (``stages.latency`` / ``benchmarks/latency.py``)."""
 
-    shapes: list[tuple[int, int]] = [(3584, 4608), (3584, 3584), (3584, 18944), (3584, 37888), (18944, 3584)]
-    bits: list[Literal[2, 3, 4, 8]] = [4, 3, 2]
-    group_size: int = 128
+    shapes: Annotated[list[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]], Field(min_length=1)] = [
+        (3584, 4608), (3584, 3584), (3584, 18944), (3584, 37888), (18944, 3584)]  # (in, out)
+    bits: Annotated[list[Literal[2, 3, 4, 8]], Field(min_length=1)] = [4, 3, 2]
+    group_size: GroupSize = 128
     batches: Batches = [1, 16]  # rows per call
-    cache: list[Literal["cold", "warm"]] = ["cold", "warm"]
+    cache: Annotated[list[Literal["cold", "warm"]], Field(min_length=1)] = ["cold", "warm"]
     cold_llc_factor: float = Field(2.0, ge=1.0)   # cold: the rotated copies hold >= this x the LLC
     cold_ram_fraction: float = Field(0.1, gt=0, le=0.5)  # ... and at most this share of available RAM
     dense_dtypes: list[Literal["float32", "bfloat16", "float16"]] = ["float32", "bfloat16", "float16"]
@@ -284,14 +287,7 @@ class SweepPoint(_Strict):
     """One extra (bits, group size) setting of the sweep, run for every method."""
 
     bits: Literal[2, 3, 4, 8]
-    group_size: int
-
-    @field_validator("group_size")
-    @classmethod
-    def _g(cls, g: int) -> int:
-        if g != -1 and g < 1:
-            raise ValueError("group_size must be -1 (per output channel) or a positive integer")
-        return g
+    group_size: GroupSize
 
 
 class SweepParams(_Strict):
@@ -300,7 +296,7 @@ class SweepParams(_Strict):
 
     methods: list[Method] = ["rtn", "gptq", "gptaq", "vlmq"]
     bits: list[Literal[2, 3, 4, 8]] = [3, 2]
-    group_sizes: list[int] = [128]
+    group_sizes: list[GroupSize] = [128]
     extra_points: list[SweepPoint] = []   # settings besides bits x group_sizes (e.g. per-channel W3)
     importance: list[Literal["gradient", "constant", "random", "fastv", "pact"]] = ["gradient"]
     gptq_precursor_at_2bit: bool = True   # the paper's ‡ rows: VLMQ on GPTQ at 2 bits
@@ -310,14 +306,6 @@ class SweepParams(_Strict):
     workers: int = Field(1, ge=1)
     torch_threads: int = Field(1, ge=1)   # torch threads per branch; the W2 results depend on it (README)
     dask_address: str | None = None       # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786
-
-    @field_validator("group_sizes")
-    @classmethod
-    def _gs(cls, v: list[int]) -> list[int]:
-        for g in v:
-            if g != -1 and g < 1:
-                raise ValueError("group sizes must be -1 (per output channel) or positive integers")
-        return v
 
 
 PAPER_TASKS = ["chartqa", "docvqa_val", "mmerealworld", "mmerealworld_cn", "ocrbench", "scienceqa_img",

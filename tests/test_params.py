@@ -42,7 +42,9 @@ def test_bad_value_names_key_and_allowed_values(tmp_path):
     for bad, key in (({"batches": [16, 0]}, "latency.batches.1"), ({"batches": []}, "latency.batches"),
                      ({"cache": ["hot"]}, "latency.cache.0"), ({"prefill_from": 0}, "latency.prefill_from"),
                      ({"backends": ["cpu_magic"]}, "latency.backends.0"),
-                     ({"sweep": {"batches": [-4]}}, "latency.sweep.batches.0")):
+                     ({"sweep": {"batches": [-4]}}, "latency.sweep.batches.0"),
+                     ({"group_size": 0}, "latency.group_size"), ({"shapes": [[3584, 0]]}, "latency.shapes.0.1"),
+                     ({"shapes": []}, "latency.shapes"), ({"bits": []}, "latency.bits"), ({"cache": []}, "latency.cache")):
         with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
             load_params(write(tmp_path, {"latency": bad}))
 
