@@ -181,7 +181,7 @@ class LatencyParams(_Strict):
     warmup: int = Field(2, ge=0)
     seconds_per_row: float = Field(1.0, gt=0)  # fewer runs (>= 3) where one call is slow
     slow_factor: float = Field(2.0, ge=1.0)  # a variant whose first call takes > this x the fastest dense one: timed once
-    threads: int | None = None     # torch threads (null = torch's default)
+    threads: int | None = Field(None, ge=1)  # torch threads (null = torch's default)
     decode_tokens: int = Field(32, ge=1)   # end to end: greedy tokens after the first, batch 1
     decode_runs: int = Field(5, ge=1)
     out: str = "reports/latency.json"

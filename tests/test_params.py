@@ -44,7 +44,8 @@ def test_bad_value_names_key_and_allowed_values(tmp_path):
                      ({"backends": ["cpu_magic"]}, "latency.backends.0"),
                      ({"sweep": {"batches": [-4]}}, "latency.sweep.batches.0"),
                      ({"group_size": 0}, "latency.group_size"), ({"shapes": [[3584, 0]]}, "latency.shapes.0.1"),
-                     ({"shapes": []}, "latency.shapes"), ({"bits": []}, "latency.bits"), ({"cache": []}, "latency.cache")):
+                     ({"shapes": []}, "latency.shapes"), ({"bits": []}, "latency.bits"), ({"cache": []}, "latency.cache"),
+                     ({"threads": 0}, "latency.threads")):
         with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
             load_params(write(tmp_path, {"latency": bad}))
 
