@@ -67,6 +67,12 @@ def paired_ratio(base: list[float], other: list[float]) -> dict:
     return {"median": s["median_ms"], "p10": s["p10_ms"], "p90": s["p90_ms"]}
 
 
+def _paired_fields(key: str, base: list[float], other: list[float]) -> dict:
+    """:func:`paired_ratio` as report fields: ``key`` (the median), ``key_p10``, ``key_p90``."""
+    pr = paired_ratio(base, other)
+    return {key: pr["median"], f"{key}_p10": pr["p10"], f"{key}_p90": pr["p90"]}
+
+
 def _time(fn, runs: int, warmup: int) -> dict:
     for _ in range(warmup):
         fn()
@@ -234,9 +240,7 @@ def _vs_fastest_dense(rows: list[dict]) -> None:
         return
     best = min(dense, key=lambda r: r["median_ms"])
     for r in rows:
-        pr = paired_ratio(best["times_ms"], r["times_ms"])
-        r.update(fastest_dense=best["dtype_or_bits"], vs_fastest_dense=pr["median"],
-                 vs_fastest_dense_p10=pr["p10"], vs_fastest_dense_p90=pr["p90"])
+        r.update(fastest_dense=best["dtype_or_bits"], **_paired_fields("vs_fastest_dense", best["times_ms"], r["times_ms"]))
 
 
 def _act_dtypes(backend: str, bf16_acts: bool, dense_dtypes) -> tuple[str, ...]:
@@ -484,13 +488,10 @@ def bench_end_to_end(model_path: str, cfg, log=print) -> list[dict]:
              "ttft_times_ms": [round(t, 4) for t in t1], "decode_times_ms": [round(t, 4) for t in tn]}
         vs = ""
         if fp:
-            pt, pd = paired_ratio(ttft[fp_ttft], t1), paired_ratio(dec[fp_dec], tn)
-            r.update({"fastest_fp_ttft": variants[fp_ttft][1], "ttft_vs_fastest_fp": pt["median"],
-                      "ttft_vs_fastest_fp_p10": pt["p10"], "ttft_vs_fastest_fp_p90": pt["p90"],
-                      "fastest_fp_decode": variants[fp_dec][1], "decode_vs_fastest_fp": pd["median"],
-                      "decode_vs_fastest_fp_p10": pd["p10"], "decode_vs_fastest_fp_p90": pd["p90"]})
-            vs = (f"; paired vs FP: TTFT {pt['median']:.2f}x ({variants[fp_ttft][1]}), "
-                  f"decode {pd['median']:.2f}x ({variants[fp_dec][1]})")
+            r.update(fastest_fp_ttft=variants[fp_ttft][1], **_paired_fields("ttft_vs_fastest_fp", ttft[fp_ttft], t1),
+                     fastest_fp_decode=variants[fp_dec][1], **_paired_fields("decode_vs_fastest_fp", dec[fp_dec], tn))
+            vs = (f"; paired vs FP: TTFT {r['ttft_vs_fastest_fp']:.2f}x ({r['fastest_fp_ttft']}), "
+                  f"decode {r['decode_vs_fastest_fp']:.2f}x ({r['fastest_fp_decode']})")
         log(f"  end to end {weights} {backend} ({dtype}): TTFT {r['ttft_ms']:.1f} ms ({r['prompt_tokens']} prompt tokens), "
             f"decode {r['decode_tokens_per_s']:.1f} tok/s, resident {r['resident_bytes'] / 1e6:.1f} MB{vs}")
         out.append(r)
